@@ -1,0 +1,332 @@
+"""A decoder-only Llama in plain PyTorch, loaded straight from Hugging Face safetensors.
+
+RMSNorm, rotate-half RoPE (with the llama3 frequency rule), grouped-query attention through
+F.scaled_dot_product_attention, SwiGLU MLP. Enough to run SmolLM2, TinyLlama, Llama-2/3 and
+Mistral-shaped checkpoints for scoring; no generation tricks, no training of the LLM.
+
+Two ways in:
+  model(ids)                         -> float32 logits (B, T, vocab): the plain API for readers and tests.
+  model.hidden(x, positions, ...)    -> final-normed hidden states of embeddings x, optionally attending
+                                        to cached keys/values of an earlier prefix (the fast scoring path
+                                        of qpeft.py reuses a passage's keys/values for many queries).
+
+Credits: the layout follows Meta's Llama reference and HF transformers' LlamaForCausalLM (rotate-half
+RoPE so q_proj/k_proj load without permutation); the structure borrows from nanoGPT and gpt-fast.
+The tokenizer part (bottom of the file) implements GPT-2's byte-level BPE and wraps sentencepiece.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def find_asset(name_or_path, kind):
+    """A model or dataset given as a path, or as a name under $QPEFT_HOME/{kind}/."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    home = Path(os.environ.get("QPEFT_HOME", "~/.cache/qpeft")).expanduser()
+    path = home / kind / str(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{kind[:-1]} '{name_or_path}' not found: no such path, and no {path} "
+                                f"(set QPEFT_HOME or see README 'Set-up')")
+    return path
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 576                 # hidden_size
+    n_layers: int = 30             # num_hidden_layers
+    n_heads: int = 9               # num_attention_heads
+    n_kv_heads: int = 3            # num_key_value_heads (GQA: each KV head serves n_heads // n_kv_heads heads)
+    head_dim: int = 64             # dim // n_heads unless the config says otherwise
+    hidden_dim: int = 1536         # intermediate_size of the SwiGLU MLP
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5         # rms_norm_eps
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # None or {"rope_type": "llama3", ...}
+    tie_embeddings: bool = False   # tie_word_embeddings: lm_head shares the input embedding table
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: config.json not found")
+        try:
+            c = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if c.get("model_type") != "llama":
+            raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not supported (only 'llama')")
+        scaling = c.get("rope_scaling")
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
+            raise ValueError(f"{path}: rope_scaling type {scaling.get('rope_type', scaling.get('type'))!r} "
+                             f"is not supported (only null or 'llama3')")
+        for flag in ("attention_bias", "mlp_bias"):
+            if c.get(flag):
+                raise ValueError(f"{path}: {flag}=true is not supported")
+        eos = c.get("eos_token_id")
+        return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                   n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+                   head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+                   hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
+                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
+                   rope_scaling=scaling, tie_embeddings=c.get("tie_word_embeddings", False),
+                   bos_id=c.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos)
+
+
+def rope_frequencies(cfg):
+    """Inverse frequencies (head_dim/2,) of the rotary embedding, with Llama 3's long-context rule."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    if cfg.rope_scaling is None:
+        return inv_freq.float()
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    context = s["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    # Llama 3: wavelengths shorter than context/high are kept, longer than context/low are divided by
+    # `factor`, and the band in between is blended linearly in context/wavelength.
+    blend = ((context / wavelength - low) / (high - low)).clamp(0, 1)
+    return ((1 - blend) * inv_freq / factor + blend * inv_freq).float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE (HF layout: pairs are (i, i + head_dim/2)).  x (B, H, T, hd), cos/sin (B, 1, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (bf16 squares lose precision), then scale in the input dtype, like HF.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if past_kv is not None:  # attend to an earlier prefix's keys/values first
+            k = torch.cat([past_kv[0], k], dim=2)                                 # (B, Hkv, S+T, hd)
+            v = torch.cat([past_kv[1], v], dim=2)
+        # enable_gqa lets each KV head serve its group of query heads without copying it.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), new_kv
+
+
+class MLP(nn.Module):  # SwiGLU
+    def __init__(self, cfg):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w_down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        a, kv = self.attention(self.attention_norm(x), cos, sin, mask, past_kv)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+# HF tensor names -> ours; "{}" is the layer number.
+HF_TO_OURS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w_gate.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w_up.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w_down.weight",
+}
+
+
+def read_safetensors(folder):
+    """All tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        try:
+            tensors.update(load_file(folder / name))
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise ValueError(f"{folder / name}: unreadable safetensors file ({e})") from None
+    return tensors
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    def hidden(self, x, positions, past=None, past_mask=None):
+        """Final-normed hidden states (B, T, D) of input embeddings x (B, T, D) at `positions` (B, T).
+
+        Without `past`, attention is causal over x alone: right padding needs no mask, since real
+        positions never look ahead at pads. With `past` (one (k, v) per layer, each (B, Hkv, S, hd),
+        as returned by an earlier call) the rows also attend to the S cached positions where
+        `past_mask` (B, S) is True. Returns (hidden, kv) with kv the keys/values of these T positions.
+        """
+        freqs = positions[..., None].float() * self.inv_freq                        # (B, T, hd/2)
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]                          # (B, 1, T, hd)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        mask = None
+        if past is not None:
+            T = x.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = torch.cat([past_mask[:, None, None, :].expand(-1, 1, T, -1),
+                              causal.expand(x.shape[0], 1, T, T)], dim=-1)           # (B, 1, T, S+T)
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if past is None else past[i])
+            kvs.append(kv)
+        return self.norm(x), kvs
+
+    def logits(self, h):
+        """float32 logits of hidden states h (..., D): call it only where logits are needed."""
+        return self.output(h).float()
+
+    def forward(self, ids):
+        """float32 logits (B, T, vocab) for token ids (B, T), positions 0..T-1 (right padding is safe)."""
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        h, _ = self.hidden(self.tok_embeddings(ids), positions)
+        return self.logits(h)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        path = Path(path)
+        cfg = LlamaConfig.from_json(path / "config.json")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {name: p.shape for name, p in model.state_dict().items()}
+        state = {}
+        for hf_name, tensor in read_safetensors(path).items():
+            layer = re.search(r"\.(\d+)\.", hf_name)
+            template = hf_name.replace(layer.group(0), ".{}.", 1) if layer else hf_name
+            if template not in HF_TO_OURS:
+                raise ValueError(f"{path}: unexpected tensor '{hf_name}'")
+            if hf_name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # some tied checkpoints store a copy; the embedding table is the one used
+            name = HF_TO_OURS[template].format(layer.group(1)) if layer else HF_TO_OURS[template]
+            if name not in expected:
+                raise ValueError(f"{path}: unexpected tensor '{hf_name}' (the config has {cfg.n_layers} layers)")
+            if tensor.shape != expected[name]:
+                raise ValueError(f"{path}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {tuple(expected[name])}")
+            state[name] = tensor.to(device=device, dtype=dtype)
+        if cfg.tie_embeddings:
+            expected.pop("output.weight")  # same Parameter as tok_embeddings.weight
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            ours_to_hf = {v: k for k, v in HF_TO_OURS.items()}
+            first = re.sub(r"\.(\d+)\.", ".{}.", missing[0], count=1)
+            num = re.search(r"\.(\d+)\.", missing[0])
+            hf = ours_to_hf[first].format(num.group(1)) if num else ours_to_hf[first]
+            raise ValueError(f"{path}: missing tensor '{hf}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
+        if cfg.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared Parameter
+        model.inv_freq = rope_frequencies(cfg).to(device)  # buffers built on meta need real values
+        return model.eval().requires_grad_(False)
+
+
+def load(name_or_path, dtype=torch.float32, device="cpu"):
+    """The frozen LLM and its tokenizer; checks that every token id has an embedding row."""
+    path = find_asset(name_or_path, "models")
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the embedding table "
+                         f"'model.embed_tokens.weight' has only {model.cfg.vocab_size} rows")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------
+TOKENIZER_PLACEHOLDER = True
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Load a Llama checkpoint and greedily continue a prompt.")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="a name under $QPEFT_HOME/models, or a folder")
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--tokens", type=int, default=20, help="how many tokens to generate")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, dtype=getattr(torch, args.dtype))
+    n_params = sum(p.numel() for p in model.parameters())  # a tied table is counted once
+    print(f"{args.model}: {n_params / 1e6:.1f}M parameters, {args.dtype}, loaded in {time.perf_counter() - start:.2f} s")
+    ids = ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(args.prompt)
+    with torch.no_grad():
+        for _ in range(args.tokens):  # no KV cache: the demo recomputes the whole sequence each step
+            next_id = model(torch.tensor([ids]))[0, -1].argmax().item()
+            if next_id == tokenizer.eos_id:
+                break
+            ids.append(next_id)
+    print(tokenizer.decode(ids))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""model.py against transformers' outputs stored in ../shared/fixtures (see its README for tolerances)."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import FIXTURES, smollm2_dir
+from model import LlamaConfig, Transformer, load, rope_frequencies
+
+TINY = FIXTURES / "llama" / "tiny_random"
+TINY_LLAMA3 = FIXTURES / "llama" / "tiny_random_llama3"
+
+
+@pytest.mark.parametrize("folder", [TINY, TINY_LLAMA3], ids=["untied-default-rope", "tied-llama3-rope"])
+def test_tiny_random_logits_match_transformers(folder):
+    model = Transformer.from_pretrained(folder)
+    ref = load_file(folder.parent / f"{folder.name}_ref.safetensors")
+    real = ref["attention_mask"].bool()                                  # (B, T): right padding
+    logits = model(ref["input_ids"])                                     # (B, T, vocab)
+    assert logits.dtype == torch.float32
+    assert (logits - ref["logits"])[real].abs().max() <= 1e-4
+    positions = torch.arange(real.shape[1]).expand(real.shape[0], -1)
+    hidden, _ = model.hidden(model.tok_embeddings(ref["input_ids"]), positions)
+    assert (hidden - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
+
+
+def test_llama3_rope_frequencies_match_transformers():
+    ref = json.loads((FIXTURES / "llama" / "tiny_random_llama3_ref.json").read_text())
+    expected = torch.tensor(ref["checks"]["inv_freq_transformers"])
+    cfg = LlamaConfig.from_json(TINY_LLAMA3 / "config.json")
+    assert torch.allclose(rope_frequencies(cfg), expected, rtol=1e-6, atol=0)
+
+
+def test_tied_embeddings_share_one_table():
+    model = Transformer.from_pretrained(TINY_LLAMA3)
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_cached_prefix_equals_one_pass():
+    """The fast path: keys/values of a prefix reused for a suffix give the same hidden states."""
+    model = Transformer.from_pretrained(TINY)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12).expand(2, -1)
+    x = model.tok_embeddings(ids)                                        # (2, 12, D)
+    full, _ = model.hidden(x, positions)
+    _, past = model.hidden(x[:, :7], positions[:, :7])
+    suffix, _ = model.hidden(x[:, 7:], positions[:, 7:], past=past, past_mask=torch.ones(2, 7, dtype=torch.bool))
+    assert (suffix - full[:, 7:]).abs().max() <= 1e-5
+
+
+def test_smollm2_fp32_matches_transformers_and_bf16_agrees_on_argmax():
+    folder = smollm2_dir()
+    ref = load_file(FIXTURES / "llama" / "smollm2_ref.safetensors")
+    fp32 = Transformer.from_pretrained(folder)
+    bf16 = Transformer.from_pretrained(folder, dtype=torch.bfloat16)
+    for i in range(4):
+        ids = ref[f"input_ids.{i}"][None]                                 # (1, n)
+        for model, tolerance in [(fp32, 1e-3), (bf16, 1.0)]:
+            logits = model(ids)[0]                                       # (n, vocab) float32
+            logprobs = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+            assert (logprobs - ref[f"next_token_logprobs.{i}"]).abs().max() <= tolerance
+            assert (logits[-1] - ref[f"last_logits.{i}"]).abs().max() <= tolerance
+            assert logits[-1].argmax() == ref[f"last_logits.{i}"].argmax()
+
+
+# ---- bad inputs: one clear error naming the file or tensor -------------------------------------
+@pytest.fixture
+def tiny_copy(tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(TINY, folder)
+    return folder
+
+
+def edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_missing_config_or_weights(tiny_copy):
+    (tiny_copy / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Transformer.from_pretrained(tiny_copy)
+    (tiny_copy / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tiny_copy)
+
+
+def test_truncated_or_corrupted_safetensors(tiny_copy):
+    data = (tiny_copy / "model.safetensors").read_bytes()
+    (tiny_copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: unreadable"):
+        Transformer.from_pretrained(tiny_copy)
+    (tiny_copy / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="model.safetensors: unreadable"):
+        Transformer.from_pretrained(tiny_copy)
+
+
+def test_missing_or_misshaped_tensor(tiny_copy):
+    tensors = load_file(tiny_copy / "model.safetensors")
+    without = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(without, tiny_copy / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        Transformer.from_pretrained(tiny_copy)
+    tensors["model.norm.weight"] = torch.ones(7)
+    save_file(tensors, tiny_copy / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(7,\)"):
+        Transformer.from_pretrained(tiny_copy)
+    tensors["model.norm.weight"] = torch.ones(64)
+    tensors["model.extra.weight"] = torch.ones(3)
+    save_file(tensors, tiny_copy / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected tensor 'model.extra.weight'"):
+        Transformer.from_pretrained(tiny_copy)
+
+
+def test_sharded_checkpoint_loads(tiny_copy):
+    tensors = load_file(tiny_copy / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, tiny_copy / file)
+    (tiny_copy / "model.safetensors").unlink()
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (tiny_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(Transformer.from_pretrained(tiny_copy)(ids), Transformer.from_pretrained(TINY)(ids))
+
+
+def test_unsupported_model_type_or_rope(tiny_copy):
+    edit_config(tiny_copy, model_type="mistral")
+    with pytest.raises(ValueError, match="config.json: model_type 'mistral' is not supported"):
+        Transformer.from_pretrained(tiny_copy)
+    edit_config(tiny_copy, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        Transformer.from_pretrained(tiny_copy)
+
+
+def test_tokenizer_larger_than_embedding_table(tmp_path):
+    folder = tmp_path / "small_vocab"
+    shutil.copytree(TINY, folder)
+    shutil.copy(smollm2_dir() / "tokenizer.json", folder)             # 49,152 ids vs 1,000 rows
+    with pytest.raises(ValueError, match="embedding table 'model.embed_tokens.weight' has only 1000 rows"):
+        load(folder)
