@@ -1,0 +1,260 @@
+"""eval.py against trec_eval: the shared fixture cases, plus textbook cases to check by hand."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # the checkout and `shared` sit side by side
+sys.path.insert(0, str(REPO))
+import eval as E  # noqa: E402  (the module eval.py, not the builtin eval())
+
+CASES_PATH = SHARED / "fixtures" / "eval" / "cases.json"
+CASES = json.loads(CASES_PATH.read_text())["cases"] if CASES_PATH.exists() else []
+DATA = SHARED / "data" / "msmarco_small"
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def load_case(case, tmp_path):
+    """The case's qrels and run, read through read_qrels / read_run (inline ones via a file)."""
+    if "qrels_file" in case:
+        qrels, run = E.read_qrels(SHARED / case["qrels_file"]), E.read_run(SHARED / case["run_file"])
+    else:
+        qrels = E.read_qrels(write(tmp_path / "qrels.txt", case["qrels_trec"]))
+        run = E.read_run(write(tmp_path / "run.trec", case["run_trec"]))
+    if case.get("run_transform") == "top 10 per query":
+        run = E.cut_run(run, 10)
+    else:
+        assert "run_transform" not in case, case["run_transform"]
+    return qrels, run
+
+
+# ---------------------------------------------------------------------------
+# every value of the fixture, which trec_eval -q and -q -c produced
+
+
+@pytest.mark.skipif(not CASES, reason=f"{CASES_PATH} not found")
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_fixture_case(case, tmp_path):
+    qrels, run = load_case(case, tmp_path)
+    for qid, order in case.get("trec_eval_order", {}).items():
+        assert E.trec_ranking(run[qid]) == order
+    for result in case["results"]:
+        where = f"{case['name']} {result['measure']} -l {result['relevance_level']}"
+        measure, level = result["pytrec_eval_measure"], result["relevance_level"]
+        per_query = E.evaluate(qrels, run, [measure], relevance_level=level)
+        values = {qid: v[result["measure"]] for qid, v in per_query.items()}
+        assert values.keys() == result["per_query"].keys(), where
+        for qid, expected in result["per_query"].items():
+            assert values[qid] == pytest.approx(expected, abs=1e-6), f"{where} query {qid}"
+        assert len(per_query) == result["n_evaluated"], where
+        mean = E.summarize(per_query)[result["measure"]]
+        assert mean == pytest.approx(result["mean_over_evaluated"], abs=1e-6), where
+        complete = E.evaluate(qrels, run, [measure], relevance_level=level, complete=True)
+        assert len(complete) == result["n_qrels_queries"], where
+        mean_all = E.summarize(complete)[result["measure"]]
+        assert mean_all == pytest.approx(result["mean_over_all_qrels_queries"], abs=1e-6), where
+
+
+# ---------------------------------------------------------------------------
+# textbook cases
+
+
+def test_ndcg_three_documents_by_hand():
+    # Ranked d1, d2, d3 with grades 0, 2, 1; gain = grade, discount 1/log2(rank + 1):
+    #   DCG  = 0/log2(2) + 2/log2(3) + 1/log2(4) = 0 + 1.2619 + 0.5    = 1.7619
+    #   IDCG = 2/log2(2) + 1/log2(3) + 0/log2(4) = 2 + 0.6309 + 0      = 2.6309  (grades 2, 1, 0)
+    #   nDCG = 1.7619 / 2.6309 = 0.6697
+    qrels = {"q": {"d1": 0, "d2": 2, "d3": 1}}
+    run = {"q": {"d1": 3.0, "d2": 2.0, "d3": 1.0}}
+    expected = (2 / math.log2(3) + 1 / 2) / (2 + 1 / math.log2(3))
+    values = E.evaluate(qrels, run, ["ndcg", "ndcg_cut.3", "ndcg_cut.1"])["q"]
+    assert values["ndcg"] == pytest.approx(expected, abs=1e-12) == pytest.approx(0.6697, abs=1e-4)
+    assert values["ndcg_cut_3"] == values["ndcg"]
+    assert values["ndcg_cut_1"] == 0.0  # d1 (grade 0) is first, the ideal first has grade 2
+    # The ideal uses every judged document, also one the run never retrieved:
+    # a grade-3 d4 makes IDCG = 3 + 2/log2(3) + 1/2.
+    qrels["q"]["d4"] = 3
+    expected = (2 / math.log2(3) + 1 / 2) / (3 + 2 / math.log2(3) + 1 / 2)
+    assert E.evaluate(qrels, run, ["ndcg"])["q"]["ndcg"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_ties_broken_by_docid_descending():
+    # Equal scores: trec_eval orders by strcmp on the docids, largest first, so '7' > '30' > '100' > '10'.
+    assert E.trec_ranking({"10": 5.0, "7": 5.0, "100": 5.0, "30": 5.0}) == ["7", "30", "100", "10"]
+    assert E.trec_ranking({"a": 2.0, "b": 1.0, "c": 1.0}) == ["a", "c", "b"]
+
+
+def test_scores_compared_as_float32():
+    # Different as float64, all equal to 1.0 as float32: ties, so docid descending decides.
+    scores = {"d1": 1.0000000003, "d2": 1.0000000002, "d3": 1.0000000001}
+    assert E.trec_ranking(scores) == ["d3", "d2", "d1"]
+    rr = E.evaluate({"q": {"d1": 1}}, {"q": scores}, ["recip_rank"])["q"]["recip_rank"]
+    assert rr == pytest.approx(1 / 3)
+
+
+def test_precision_recall_success_map_by_hand():
+    # Ranking a, b, c, d; relevant (grade >= 1): b and d, plus e that was not retrieved.
+    qrels = {"q": {"a": 0, "b": 1, "d": 2, "e": 1}}
+    run = {"q": {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}}
+    v = E.evaluate(qrels, run, ["P.2", "P.10", "recall.2", "success.1", "success.2", "recip_rank", "map"])["q"]
+    assert v["P_2"] == 1 / 2
+    assert v["P_10"] == 2 / 10  # divides by 10 although only 4 were retrieved
+    assert v["recall_2"] == 1 / 3  # 1 of the 3 relevant in the qrels
+    assert v["success_1"] == 0.0 and v["success_2"] == 1.0  # hit rate: any relevant in the top k
+    assert v["recip_rank"] == 1 / 2
+    assert v["map"] == pytest.approx((1 / 2 + 2 / 4) / 3)  # precision at b and d; e adds 0
+    # At relevance level 2 only d counts.
+    v2 = E.evaluate(qrels, run, ["success.2", "recip_rank"], relevance_level=2)["q"]
+    assert v2 == {"success_2": 0.0, "recip_rank": 1 / 4}
+
+
+def test_which_queries_are_evaluated():
+    qrels = {"both": {"d": 1}, "qrels_only": {"d": 1}, "no_relevant": {"d": 0}}
+    run = {"both": {"d": 1.0}, "run_only": {"d": 1.0}, "no_relevant": {"d": 1.0}}
+    per_query = E.evaluate(qrels, run, ["recip_rank"])
+    assert per_query == {"both": {"recip_rank": 1.0}, "no_relevant": {"recip_rank": 0.0}}
+    assert E.summarize(per_query) == {"recip_rank": 0.5}
+    complete = E.evaluate(qrels, run, ["recip_rank"], complete=True)  # trec_eval -c
+    assert complete["qrels_only"] == {"recip_rank": 0.0} and "run_only" not in complete
+    assert E.summarize(complete) == {"recip_rank": pytest.approx(1 / 3)}
+
+
+def test_cut_run_keeps_top_depth_in_trec_order():
+    run = {"q": {"a": 1.0, "b": 3.0, "c": 3.0, "d": 0.5}}
+    assert E.cut_run(run, 2) == {"q": {"c": 3.0, "b": 3.0}}
+    assert E.cut_run(run, 10) == run
+
+
+def test_measure_names():
+    assert E.parse_measure("ndcg_cut.10") == ("ndcg_cut_10", "ndcg_cut", 10)
+    assert E.parse_measure("P_5") == ("P_5", "P", 5)
+    for bad in ["ndcg@10", "P.0", "mrr", "recall"]:
+        with pytest.raises(ValueError, match="unknown measure"):
+            E.parse_measure(bad)
+
+
+# ---------------------------------------------------------------------------
+# files
+
+
+def test_qrels_trec_and_beir_formats_agree(tmp_path):
+    trec = write(tmp_path / "q.trec", "q1 0 d1 1\nq1 0 d2 0\nq2 0 d1 -1\n")
+    beir = write(tmp_path / "q.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t0\nq2\td1\t-1\n")
+    assert E.read_qrels(trec) == E.read_qrels(beir) == {"q1": {"d1": 1, "d2": 0}, "q2": {"d1": -1}}
+
+
+def test_duplicate_docid_in_run_is_an_error(tmp_path):
+    path = write(tmp_path / "run.trec", "q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\nq1 Q0 d1 3 0.5 t\n")
+    with pytest.raises(ValueError, match=r"run\.trec:3: duplicate docid d1 for query q1"):
+        E.read_run(path)
+
+
+def test_malformed_lines_name_file_and_line(tmp_path):
+    run = write(tmp_path / "run.trec", "q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 t\n")
+    with pytest.raises(ValueError, match=r"run\.trec:2: expected 6 fields"):
+        E.read_run(run)
+    run = write(tmp_path / "run.trec", "q1 Q0 d1 1 high t\n")
+    with pytest.raises(ValueError, match=r"run\.trec:1: score 'high' is not a number"):
+        E.read_run(run)
+    qrels = write(tmp_path / "qrels.txt", "q1 0 d1 1\nq1 0 d2 relevant\n")
+    with pytest.raises(ValueError, match=r"qrels\.txt:2: grade 'relevant' is not an integer"):
+        E.read_qrels(qrels)
+    qrels = write(tmp_path / "qrels.txt", "q1 0 d1 1\nq1 d2 1\n")  # TREC format, then a 3-field line
+    with pytest.raises(ValueError, match=r"qrels\.txt:2: expected"):
+        E.read_qrels(qrels)
+
+
+def test_write_run_round_trip_keeps_order_and_invents_no_ties(tmp_path):
+    # '%.6f' would print e and f both as 1.000000, a tie that trec_eval would break as f, e.
+    # 0.1 + 0.2 and 0.3 differ in float64 (kept exactly) but not in float32 (a trec_eval tie).
+    run = {"q2": {"a": 0.3, "b": 0.1 + 0.2, "c": -7.25, "e": 1.0000002, "f": 1.0000001},
+           "q1": {"x": 1e-12, "y": 12345.678901234567}}
+    path = tmp_path / "out.trec"
+    E.write_run(path, run, "qpeft")
+    assert E.read_run(path) == run  # the exact same floats
+    lines = [line.split() for line in path.read_text().splitlines()]
+    assert [(f[0], f[2], f[3]) for f in lines] == [
+        ("q2", "e", "1"), ("q2", "f", "2"), ("q2", "b", "3"), ("q2", "a", "4"), ("q2", "c", "5"),
+        ("q1", "y", "1"), ("q1", "x", "2")]
+    assert all(f[1] == "Q0" and f[5] == "qpeft" for f in lines)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.trec"]  # no temporary file left
+
+
+# ---------------------------------------------------------------------------
+# paired t-test
+
+
+def test_student_t_p_values_known_by_hand():
+    assert E.student_t_p_value(2.0, 10) == pytest.approx(0.0733880347707404, abs=1e-10)
+    assert E.student_t_p_value(0.0, 7) == 1.0
+    for t in [0.001, 0.5, 1.0, 3.0, 50.0]:
+        # Closed forms: df=1 is the Cauchy distribution, p = 1 - (2/pi) atan|t|;
+        # df=2 has p = 1 - |t| / sqrt(t^2 + 2).
+        assert E.student_t_p_value(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-12)
+        assert E.student_t_p_value(-t, 2) == pytest.approx(1 - t / math.sqrt(t * t + 2), abs=1e-12)
+    for t in [0.5, 1.96, 3.0]:  # large df: Student's t becomes the normal distribution
+        assert E.student_t_p_value(t, 1e6) == pytest.approx(math.erfc(t / math.sqrt(2)), abs=1e-6)
+
+
+def test_paired_t_test_by_hand():
+    # deltas b - a = 1, 2, 3: mean 2, sd 1, t = 2 / (1/sqrt(3)) = 3.4641, df = 2.
+    a, b = {"q1": 0.0, "q2": 0.0, "q3": 0.0, "only_a": 9.0}, {"q1": 1.0, "q2": 2.0, "q3": 3.0}
+    delta, t, p = E.paired_t_test(a, b)
+    assert delta == 2.0 and t == pytest.approx(2 * math.sqrt(3))
+    assert p == pytest.approx(1 - t / math.sqrt(t * t + 2), abs=1e-12)  # = 0.0742
+    assert E.paired_t_test(b, b) == (0.0, 0.0, 1.0)  # identical runs: p = 1, not NaN
+    with pytest.raises(ValueError, match="at least 2"):
+        E.paired_t_test({"q1": 1.0}, {"q1": 2.0})
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} not found")
+def test_cli_dl19_ndcg_cut_10():
+    out = run_cli(DATA / "qrels/test.tsv", DATA / "runs/test.bm25.trec", "-m", "ndcg_cut.10")
+    assert (out.returncode, out.stdout, out.stderr) == (0, "ndcg_cut_10\tall\t0.5058\n", "")
+
+
+def test_cli_per_query_and_comparison(tmp_path):
+    qrels = write(tmp_path / "qrels.txt", "q1 0 a 1\nq2 0 b 1\nq3 0 a 1\n")
+    run_a = write(tmp_path / "a.trec", "q1 Q0 a 1 2 t\nq1 Q0 b 2 1 t\nq2 Q0 a 1 2 t\nq2 Q0 b 2 1 t\n")
+    run_b = write(tmp_path / "b.trec", "q1 Q0 a 1 2 t\nq2 Q0 b 1 2 t\n")
+    out = run_cli(qrels, run_a, "-q", "-m", "recip_rank", "-c")
+    assert out.stdout == "recip_rank\tq1\t1.0000\nrecip_rank\tq2\t0.5000\nrecip_rank\tq3\t0.0000\n" \
+                         "recip_rank\tall\t0.5000\n"
+    out = run_cli(qrels, run_a, run_b, "-m", "recip_rank", "P.1")
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("measure\tA\tB\tB-A\tp")
+    assert lines[1:] == ["recip_rank\t0.7500\t1.0000\t+0.2500\t0.5000",  # deltas 0, 0.5: t = 1, df = 1
+                         "P_1\t0.5000\t1.0000\t+0.5000\t0.5000"]
+
+
+@pytest.mark.parametrize("case", ["missing file", "malformed line", "unknown measure", "duplicate docid"])
+def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path):
+    qrels = write(tmp_path / "qrels.txt", "q1 0 a 1\n")
+    run = write(tmp_path / "run.trec", "q1 Q0 a 1 2 t\n")
+    args, expected = {
+        "missing file": ([qrels, tmp_path / "nope.trec"], "nope.trec: No such file"),
+        "malformed line": ([qrels, write(tmp_path / "bad.trec", "q1 Q0 a 1 2 t\nq1 a 2\n")], "bad.trec:2:"),
+        "unknown measure": ([qrels, run, "-m", "ndcg@10"], "unknown measure 'ndcg@10'"),
+        "duplicate docid": ([qrels, write(tmp_path / "dup.trec", "q1 Q0 a 1 2 t\nq1 Q0 a 2 1 t\n")],
+                            "dup.trec:2: duplicate docid a for query q1"),
+    }[case]
+    out = run_cli(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1 and expected in out.stderr, out.stderr
