@@ -38,7 +38,8 @@ def find_asset(name_or_path, kind):
     home = Path(os.environ.get("QPEFT_HOME", "~/.cache/qpeft")).expanduser()
     path = home / kind / str(name_or_path)
     if not path.exists():
-        raise FileNotFoundError(f"{kind[:-1]} '{name_or_path}' not found: no such path, and no {path} "
+        what = {"models": "model", "data": "dataset"}.get(kind, kind)
+        raise FileNotFoundError(f"{what} '{name_or_path}' not found: no such path, and no {path} "
                                 f"(set QPEFT_HOME or see README 'Set-up')")
     return path
 

@@ -1,0 +1,308 @@
+"""Data for reranking: dataset folders, first-stage candidates, BM25, training pairs, batching.
+
+A dataset is a folder in BEIR layout (see shared/data/*/README.md):
+    corpus.jsonl           {"_id", "title", "text"}       one passage per line
+    queries.jsonl          {"_id", "text", ...}           a "split" field, if present, is ignored
+    qrels/{split}.tsv      "query-id<TAB>corpus-id<TAB>score" (BEIR header optional), integer grades
+    runs/{split}.{tag}.trec   optional first stage, TREC run "qid Q0 docid rank score tag"
+A split exists when qrels/{split}.tsv exists, and its queries are the qids of that file, so
+msmarco_small has train, dev, dev.graded and test. Bad data raises ValueError("file:line: what");
+the few cases where skipping is the sane choice print a counted warning to stderr.
+Credits: BM25 mirrors Lucene's BM25Similarity and Anserini's bag-of-words query; run order is trec_eval's.
+"""
+import json
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from model import find_asset
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _lines(path):
+    """(line number, line) for the non-blank lines of a UTF-8 text file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line.rstrip("\r\n")
+
+
+def _read_jsonl(path, fields):
+    """{_id: record}; every record needs string `fields`, ids must be unique."""
+    records = {}
+    for n, line in _lines(path):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: bad JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in fields):
+            raise ValueError(f"{path}:{n}: need string fields {', '.join(fields)}")
+        if rec["_id"] in records:
+            raise ValueError(f"{path}:{n}: duplicate _id {rec['_id']!r}")
+        records[rec["_id"]] = rec
+    return records
+
+
+def _read_qrels(path, queries):
+    """{qid: {docid: grade}}. Judged passages absent from the corpus are kept on purpose: TREC DL
+    qrels judge the full collection, and metrics must be normalised by all of them."""
+    qrels = {}
+    for n, line in _lines(path):
+        cols = line.split("\t")
+        if n == 1 and cols[:2] == ["query-id", "corpus-id"]:
+            continue
+        if len(cols) != 3 or not re.fullmatch(r"\s*-?\d+\s*", cols[2]):
+            raise ValueError(f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>integer score', got {line!r}")
+        qid, docid, grade = cols[0], cols[1], int(cols[2])
+        if qid not in queries:
+            raise ValueError(f"{path}:{n}: query {qid!r} has no text in queries.jsonl")
+        if docid in qrels.setdefault(qid, {}):
+            raise ValueError(f"{path}:{n}: query {qid!r} judges passage {docid!r} twice")
+        qrels[qid][docid] = grade
+    return qrels
+
+
+def _read_run(path, corpus, queries):
+    """{qid: {docid: score}} from a TREC run; every passage must have text, or it cannot be reranked."""
+    run = {}
+    for n, line in _lines(path):
+        cols = line.split()
+        try:
+            qid, _, docid, rank, score, _ = cols
+            int(rank), float(score)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: expected 'qid Q0 docid rank score tag', got {line!r}") from None
+        if qid not in queries:
+            raise ValueError(f"{path}:{n}: query {qid!r} has no text in queries.jsonl")
+        if docid not in corpus:
+            raise ValueError(f"{path}:{n}: passage {docid!r} is not in corpus.jsonl")
+        if docid in run.setdefault(qid, {}):
+            raise ValueError(f"{path}:{n}: passage {docid!r} listed twice for query {qid!r}")
+        run[qid][docid] = float(score)
+    return run
+
+
+def ranked(scores):
+    """{docid: score} in trec_eval's order: score descending, ties by docid descending (as strings).
+    Runs are read by score, not by their rank column, so that the candidates we rerank and the
+    BM25 baseline we report are the lists trec_eval sees (the two differ only on tied scores)."""
+    return dict(sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True))
+
+
+@dataclass
+class Dataset:
+    name: str
+    path: Path
+    corpus: dict[str, str]                       # docid -> "title text" (just text if no title)
+    queries: dict[str, str]                      # qid -> text, for all splits
+    qrels: dict[str, dict[str, dict[str, int]]]  # split -> qid -> docid -> grade
+    runs: dict[str, dict[str, dict[str, float]]]  # split -> qid -> docid -> first-stage score
+
+    @property
+    def splits(self):
+        return sorted(self.qrels)
+
+    def _split(self, split):
+        if split not in self.qrels:
+            raise KeyError(f"{self.name} has no split {split!r} (splits: {', '.join(self.splits)})")
+        return self.qrels[split]
+
+    def relevance_level(self, split):
+        """Minimum grade that counts as relevant in binary measures (MRR, Recall, HR). TREC DL
+        convention: graded qrels (any grade above 1, e.g. DL19's 0-3) use >= 2; binary ones >= 1."""
+        return 2 if any(g > 1 for judged in self._split(split).values() for g in judged.values()) else 1
+
+    @cached_property
+    def bm25(self):  # built on first use only: most splits come with a run
+        return BM25(self.corpus)
+
+    def first_stage(self, split, depth):
+        """{qid: {docid: score}} top-`depth` per query of `split`, best first: the split's run,
+        else BM25 over this corpus computed here (so a folder without runs still works)."""
+        qids = self._split(split)
+        if split not in self.runs:
+            return {q: dict(self.bm25.search(self.queries[q], depth)) for q in qids}
+        run = self.runs[split]
+        if missing := sum(q not in run for q in qids):
+            _warn(f"{self.name}/{split}: {missing} of {len(qids)} queries are not in the run (no candidates)")
+        return {q: dict(list(ranked(run.get(q, {})).items())[:depth]) for q in qids}
+
+    def candidates(self, split, depth):
+        """{qid: [docid, ...]} in first-stage order, at most `depth` per query."""
+        return {q: list(scores) for q, scores in self.first_stage(split, depth).items()}
+
+
+def load_dataset(name_or_path):
+    """A dataset folder given as a path, or as a name under $QPEFT_HOME/data/."""
+    path = find_asset(name_or_path, "data")
+    # A passage is "title text" when it has a title (BEIR convention), else just its text.
+    corpus = {i: f"{r['title']} {r['text']}" if r.get("title") else r["text"]
+              for i, r in _read_jsonl(path / "corpus.jsonl", ("_id", "text")).items()}
+    queries = {i: r["text"] for i, r in _read_jsonl(path / "queries.jsonl", ("_id", "text")).items()}
+    qrels = {f.name[:-len(".tsv")]: _read_qrels(f, queries) for f in sorted((path / "qrels").glob("*.tsv"))}
+    if not qrels:
+        raise FileNotFoundError(f"missing file: {path / 'qrels'}/{{split}}.tsv (no split defined)")
+    files = {}  # runs/{split}.{tag}.trec: the tag is the last dot-free part before ".trec"
+    for f in sorted((path / "runs").glob("*.trec")):
+        files.setdefault(f.name[:-len(".trec")].rsplit(".", 1)[0], []).append(f)
+    runs = {}
+    for split, found in files.items():
+        if split not in qrels:
+            _warn(f"{path / 'runs'}: ignoring {found[0].name}: no qrels/{split}.tsv")
+            continue
+        if len(found) > 1:  # several first stages for one split: the sorted first one, said loudly
+            _warn(f"{split}: several runs ({', '.join(f.name for f in found)}); using {found[0].name}")
+        runs[split] = _read_run(found[0], corpus, queries)
+    # A second set of judgments for a split's queries ("dev.graded" for "dev") has the same
+    # candidates: the graded labels were collected on exactly that run.
+    for split in qrels:
+        if split not in runs and split.split(".")[0] in runs:
+            runs[split] = runs[split.split(".")[0]]
+    return Dataset(path.name, path, corpus, queries, qrels, runs)
+
+
+def merge_datasets(*datasets):
+    """One Dataset over several folders, e.g. msmarco_small + msmarco_train_extra for training.
+    A passage or query id may appear twice only with the same text; a (split, query) only once."""
+    merged = Dataset("+".join(d.name for d in datasets), datasets[0].path, {}, {}, {}, {})
+    for d in datasets:
+        for mine, theirs, what in ((merged.corpus, d.corpus, "passage"), (merged.queries, d.queries, "query")):
+            if (clash := next((i for i, t in theirs.items() if mine.get(i, t) != t), None)) is not None:
+                raise ValueError(f"merge: {what} {clash!r} has another text in {d.name} than before")
+            mine.update(theirs)
+        for mine, theirs in ((merged.qrels, d.qrels), (merged.runs, d.runs)):
+            for split, per_query in theirs.items():
+                if clash := sorted(mine.setdefault(split, {}).keys() & per_query.keys()):
+                    raise ValueError(f"merge: query {clash[0]!r} of split {split!r} is in two datasets")
+                mine[split].update(per_query)
+    return merged
+
+
+# Lucene's default English stop words (the 33 of EnglishAnalyzer / StopAnalyzer).
+STOPWORDS = frozenset("a an and are as at be but by for if in into is it no not of on or such "
+                      "that the their then there these they this to was will with".split())
+
+
+def bm25_tokens(text):
+    """Lowercase, runs of word characters (re \\w+), stop words dropped, no stemming."""
+    return [t for t in re.findall(r"\w+", text.lower()) if t not in STOPWORDS]
+
+
+class BM25:
+    """Okapi BM25 as in Lucene 8+/Anserini (k1 0.9, b 0.4): for each query term t, summed with
+    the term's count in the query as weight,
+        idf(t) * tf / (tf + k1 * (1 - b + b * dl / avgdl)),  idf(t) = log(1 + (N - df + 0.5) / (df + 0.5))
+    Lucene dropped the constant factor (k1 + 1); it also rounds dl to one byte, which we do not,
+    so scores can differ from Anserini's in the third digit. The index is a CSR of postings:
+    the passages containing term t are doc[start[t]:start[t+1]], with their precomputed weights."""
+
+    def __init__(self, corpus, k1=0.9, b=0.4):
+        self.docids = list(corpus)
+        self.vocab, terms, docs, tfs, lengths = {}, [], [], [], []
+        for d, text in enumerate(tqdm(corpus.values(), desc="BM25 index", disable=len(corpus) < 50_000)):
+            tokens = bm25_tokens(text)
+            lengths.append(len(tokens))
+            for term, tf in Counter(tokens).items():
+                terms.append(self.vocab.setdefault(term, len(self.vocab)))
+                docs.append(d)
+                tfs.append(tf)
+        terms, order = np.array(terms, dtype=np.int64), np.argsort(terms, kind="stable")
+        self.doc = np.array(docs, dtype=np.int64)[order]
+        tf = np.array(tfs, dtype=np.float64)[order]
+        df = np.bincount(terms, minlength=len(self.vocab))
+        self.start = np.concatenate([[0], np.cumsum(df)])
+        lengths = np.array(lengths, dtype=np.float64)
+        idf = np.log(1 + (len(lengths) - df + 0.5) / (df + 0.5))
+        norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-9))
+        self.weight = np.repeat(idf, df) * tf / (tf + norm[self.doc])
+
+    def scores(self, query):
+        """BM25 score of every passage (0 where no term matches), in corpus order."""
+        scores = np.zeros(len(self.docids))
+        for term, count in Counter(bm25_tokens(query)).items():
+            if (t := self.vocab.get(term)) is not None:
+                span = slice(self.start[t], self.start[t + 1])
+                scores[self.doc[span]] += count * self.weight[span]  # docs within a term are unique
+        return scores
+
+    def search(self, query, k):
+        """[(docid, score)] of the best k matching passages, ties broken as trec_eval does."""
+        scores = self.scores(query)
+        hits = np.flatnonzero(scores > 0)
+        if len(hits) > k:  # keep everything tied with the k-th score, so the cut is deterministic
+            hits = hits[scores[hits] >= np.partition(scores[hits], len(hits) - k)[len(hits) - k]]
+        return list(ranked({self.docids[i]: float(scores[i]) for i in hits}).items())[:k]
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    qid: str
+    positive_docid: str
+    hard_negative_docid: str
+
+
+def training_examples(dataset, split="train", seed=0, hard_negative_depth=20):
+    """One (query, positive, BM25 hard negative) triple per query of `split` (method.md §5); for
+    several folders use merge_datasets. In-batch negatives are the trainer's job (train_batches)."""
+    # Positive: a passage with text at the split's relevance level. Hard negative: one of the
+    # first-stage top `hard_negative_depth` not labelled relevant (grade < 1 or unjudged; MS MARCO
+    # labels are sparse, so a few are unlabelled positives anyway). Each query draws from its own
+    # Random(f"{seed}:{qid}"): its pair does not depend on the other queries or folders present.
+    # Pass seed + epoch to redraw pairs every epoch. Queries lacking either are skipped, counted.
+    level = dataset.relevance_level(split)
+    candidates = dataset.candidates(split, hard_negative_depth)
+    examples, no_positive, no_negative = [], 0, 0
+    for qid, judged in dataset.qrels[split].items():
+        positives = sorted(d for d, grade in judged.items() if grade >= level and d in dataset.corpus)
+        negatives = [d for d in candidates[qid] if judged.get(d, 0) < 1]
+        no_positive += not positives
+        no_negative += bool(positives) and not negatives
+        if positives and negatives:
+            rng = random.Random(f"{seed}:{qid}")
+            examples.append(TrainExample(qid, rng.choice(positives), rng.choice(negatives)))
+    if no_positive or no_negative:
+        _warn(f"{dataset.name}/{split}: skipped {no_positive} queries without a positive that has "
+              f"text and {no_negative} without an unlabelled candidate in the top {hard_negative_depth}")
+    return examples
+
+
+def train_batches(examples, queries_per_batch, seed=0, epoch=0):
+    """The examples shuffled (same order for the same seed and epoch) and cut into batches of
+    `queries_per_batch` queries; the last batch may be smaller."""
+    order = list(examples)
+    random.Random(f"{seed}:epoch{epoch}").shuffle(order)
+    return [order[i:i + queries_per_batch] for i in range(0, len(order), queries_per_batch)]
+
+
+def tokenize_texts(tokenizer, texts, max_tokens=None):
+    """{id: token ids} via tokenizer.encode(text), cut to `max_tokens` keeping the START of the
+    text (method.md §2: the title and first sentence matter most). Nothing is cached on disk."""
+    items = tqdm(texts.items(), desc="tokenizing", disable=len(texts) < 2000, leave=False)
+    return {i: tokenizer.encode(text)[:max_tokens] for i, text in items}
+
+
+def token_budget_batches(lengths, max_tokens):
+    """Indices into `lengths` grouped so that every padded batch holds len(batch) * max(length)
+    <= max_tokens. Sorting by length first (stable) puts similar lengths together, so little of a
+    batch is padding; then greedy packing. An item longer than the budget forms its own batch."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    batches, batch = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batch and (len(batch) + 1) * lengths[i] > max_tokens:  # lengths[i] is the new maximum
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
