@@ -225,6 +225,31 @@ def score_pairs(llm, template, reranker, prefix, rows, queries, passages):
     return sums / torch.tensor([len(t) for t in targets], device=dev)
 
 
+def score_pairs_uncached(llm, template, reranker, queries, passages):
+    """What score_pairs computes, the slow way: every pair's whole sequence in one causal pass
+    and logits at every position. The reference in the tests and the baseline in bench.py."""
+    dev = llm.tok_embeddings.weight.device
+    dtype = llm.tok_embeddings.weight.dtype
+    hints = reranker.hint_block(llm, template, queries, passages) \
+        if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a") else [None] * len(queries)
+    sequences, first_target = [], []
+    for hint, q, p in zip(hints, queries, passages):
+        prefix = llm.tok_embeddings(torch.tensor(template.prefix(p), device=dev))      # (S, D)
+        if reranker is not None and reranker.cfg.method == "prompt":
+            prefix = torch.cat([reranker.soft_prompt.to(dtype), prefix[len(template.prompt):]])
+        text = llm.tok_embeddings(torch.tensor(template.question + q + [template.eos], device=dev))
+        sequences.append(torch.cat([prefix] + ([hint.to(dtype)] if hint is not None else []) + [text]))
+        first_target.append(len(sequences[-1]) - len(q) - 1)
+    x = nn.utils.rnn.pad_sequence(sequences, batch_first=True)                   # (N, T, D) right-padded
+    h, _ = llm.hidden(x, torch.arange(x.shape[1], device=dev).expand(len(sequences), -1))
+    logprobs = torch.log_softmax(llm.logits(h), dim=-1)                          # (N, T, V) float32
+    scores = []
+    for i, (q, start) in enumerate(zip(queries, first_target)):
+        target = torch.tensor(q + [template.eos], device=dev)
+        scores.append(logprobs[i, start - 1 + torch.arange(len(target), device=dev), target].mean())
+    return torch.stack(scores)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +290,9 @@ def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log(f"{method}: resumed at step {state['step']} from {resume_file}")
+    if state["step"] == 0:  # the untrained module's dev loss: the point training must beat
+        state["history"].append({"step": 0, "dev_loss": dev_loss_of(llm, template, reranker, dev_batches, tc.margin, tokens)})
+        log(f"{method}: step 0 dev loss {state['history'][0]['dev_loss']:.4f}")
     per_epoch = max(1, len(train_examples) // tc.queries_per_batch)
     bar = tqdm(range(state["step"], tc.steps), desc=f"train {method}", initial=state["step"], total=tc.steps)
     for step in bar:
@@ -277,10 +305,7 @@ def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
-            reranker.eval()
-            with torch.no_grad():
-                dev_loss = sum(batch_loss(llm, template, reranker, b, tokens, tc.margin).item()
-                               for b in dev_batches) / len(dev_batches)
+            dev_loss = dev_loss_of(llm, template, reranker, dev_batches, tc.margin, tokens)
             state["history"].append({"step": step + 1, "train_loss": loss.item(), "dev_loss": dev_loss})
             improved = dev_loss < state["best_loss"]
             log(f"{method}: step {step + 1} train loss {loss.item():.4f} dev loss {dev_loss:.4f}"
@@ -301,6 +326,12 @@ def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out
         reranker.load_state_dict(state["best"], strict=False)
     reranker.eval()
     return state
+
+
+@torch.no_grad()
+def dev_loss_of(llm, template, reranker, dev_batches, margin, tokens):
+    reranker.eval()
+    return sum(batch_loss(llm, template, reranker, b, tokens, margin).item() for b in dev_batches) / len(dev_batches)
 
 
 def trainable_state(reranker):
@@ -363,7 +394,8 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc):
         pairs = [(row, qid) for row, i in enumerate(batch) for qid in pairs_of[docids[i]]]
         for method, reranker in rerankers.items():
             start = time.perf_counter()
-            prefix = encode_prefixes(llm, template, reranker, passages) if method == "prompt" else shared
+            own_prompt = reranker.cfg.method == "prompt"
+            prefix = encode_prefixes(llm, template, reranker, passages) if own_prompt else shared
             for chunk in range(0, len(pairs), len(batch)):  # at most one pair per passage row at a time
                 part = pairs[chunk:chunk + len(batch)]
                 s = score_pairs(llm, template, reranker, prefix, [r for r, _ in part],
@@ -372,7 +404,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc):
                     scores[method][qid][docids[batch[r]]] = value
             seconds[method] += time.perf_counter() - start
     # Each method is charged the shared passage pass too, as if it had run alone.
-    timing = {m: seconds[m] + (shared_seconds if m != "prompt" else 0.0) for m in rerankers}
+    timing = {m: seconds[m] + (shared_seconds if r.cfg.method != "prompt" else 0.0) for m, r in rerankers.items()}
     return scores, timing
 
 
@@ -424,7 +456,7 @@ def parse_args(argv):
     p.add_argument("--split", default="test", help="the split to rerank and report")
     p.add_argument("--train-data", help="extra train-only dataset folders, comma-separated (e.g. msmarco_train_extra)")
     p.add_argument("--out", default="runs/qpeft", help="output folder: runs, metrics.json, modules, log")
-    p.add_argument("--checkpoint", help="a saved module (.safetensors, with its .json beside it)")
+    p.add_argument("--checkpoint", help="saved module(s), comma-separated (.safetensors, each with its .json beside it)")
     p.add_argument("--eval-only", action="store_true", help="rerank with --checkpoint, no training")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="LLM compute dtype")
@@ -494,11 +526,11 @@ def main(argv=None):
     first_stage = dataset.first_stage(args.split, 1000)
     candidates = {q: list(docs)[:args.depth] for q, docs in first_stage.items()}
     rerankers = {}
-    if args.eval_only:
-        reranker = load_module(args.checkpoint, llm, template_for)
-        rerankers[reranker.cfg.method] = reranker
-        template = template_for(reranker.cfg)
-        base_cfg = reranker.cfg
+    if args.eval_only:  # several modules share one pass over the passages (if they share the instruction)
+        for file in args.checkpoint.split(","):
+            reranker = load_module(file, llm, template_for)
+            rerankers[Path(file).stem] = reranker
+            template, base_cfg = template_for(reranker.cfg), reranker.cfg
     methods = list(rerankers) or args.methods.split(",")
     texts = {d: " " + dataset.corpus[d] for docs in candidates.values() for d in docs}
     train_examples, dev_examples = [], []
