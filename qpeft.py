@@ -253,26 +253,38 @@ def score_pairs_uncached(llm, template, reranker, queries, passages):
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def batch_loss(llm, template, reranker, batch, tokens, margin):
-    """L = mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin) over the batch, with
-    d- = the other queries' positives (in-batch) and the query's own BM25 hard negative."""
-    docids = sorted({e.positive_docid for e in batch} | {e.hard_negative_docid for e in batch})
-    row = {d: i for i, d in enumerate(docids)}
-    with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.cfg.method == "prompt"):
-        prefix = encode_prefixes(llm, template, reranker, [tokens[d] for d in docids])
-    pairs = []  # (query index, docid, is_positive)
+def batch_pairs(batch):
+    """(query index, docid, is_positive) for a batch of TrainExamples: each query meets its
+    positive, the other queries' positives (in-batch negatives) and its own BM25 hard negative."""
+    pairs = []
     for i, e in enumerate(batch):
         pairs.append((i, e.positive_docid, True))
         pairs += [(i, o.positive_docid, False) for o in batch if o.positive_docid != e.positive_docid]
         pairs.append((i, e.hard_negative_docid, False))
-    scores = score_pairs(llm, template, reranker, prefix, [row[d] for _, d, _ in pairs],
-                         [tokens[batch[i].qid] for i, _, _ in pairs], [tokens[d] for _, d, _ in pairs])
-    nll = -scores
+    return pairs
+
+
+def ranking_loss(scores, pairs, margin):
+    """L = mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin), NLL = -score (a mean
+    per token, so the margin is on a per-token scale, as in the official code)."""
+    nll = -scores                                                               # (N,)
     is_pos = torch.tensor([p for _, _, p in pairs])
     query = torch.tensor([i for i, _, _ in pairs])
-    nll_pos = torch.zeros(len(batch)).index_copy(0, query[is_pos], nll[is_pos])  # (B,)
+    nll_pos = torch.zeros(int(query.max()) + 1).index_copy(0, query[is_pos], nll[is_pos])  # (B,)
     hinge = F.relu(nll_pos[query[~is_pos]] - nll[~is_pos] + margin)
     return nll_pos.mean() + hinge.mean()
+
+
+def batch_loss(llm, template, reranker, batch, tokens, margin):
+    """The loss of one batch through the fast path: each passage's keys/values computed once."""
+    docids = sorted({e.positive_docid for e in batch} | {e.hard_negative_docid for e in batch})
+    row = {d: i for i, d in enumerate(docids)}
+    with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.cfg.method == "prompt"):
+        prefix = encode_prefixes(llm, template, reranker, [tokens[d] for d in docids])
+    pairs = batch_pairs(batch)
+    scores = score_pairs(llm, template, reranker, prefix, [row[d] for _, d, _ in pairs],
+                         [tokens[batch[i].qid] for i, _, _ in pairs], [tokens[d] for _, d, _ in pairs])
+    return ranking_loss(scores, pairs, margin)
 
 
 def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out, log):

@@ -1,0 +1,171 @@
+"""How fast qpeft runs on this machine, in one run: `python bench.py` (no flags needed).
+
+1. the matmul peak of this CPU (bf16 and fp32), the yardstick for everything below;
+2. zero-shot and Q-PEFT-A scoring of msmarco_small test pairs: pairs/s, tokens/s, GFLOP/s, % of peak;
+3. Q-PEFT-A training steps: the fast path (passage keys/values computed once per batch, logits only
+   at query positions) against the naive one (every pair's full sequence, logits everywhere);
+4. if `transformers` is importable, the same pairs through LlamaForCausalLM, same dtype and batches.
+Timings on shared machines are noisy: compare the ratios within one run, not across runs.
+The last line is one JSON object with the headline figures.
+
+FLOP accounting: 2 x (frozen LLM parameters outside the embedding table) per token forward, plus
+2 x dim x vocab per position where logits are computed; a training step's backward through the
+frozen LLM adds 2 x parameters per token (input gradients only, no weight gradients). Attention
+score FLOPs are not counted, so the fractions of peak are slight underestimates.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+import data
+import qpeft
+from model import find_asset, load
+
+
+def matmul_peak(dtype, n=2048, repeats=10):
+    """GFLOP/s of an n x n x n matmul, best of a few tries (the machine's practical peak)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 * repeats / best / 1e9
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--data", default="msmarco_small")
+    p.add_argument("--queries", type=int, default=8, help="test queries to score")
+    p.add_argument("--depth", type=int, default=20, help="candidates per query")
+    p.add_argument("--train-steps", type=int, default=4, help="training steps timed per path")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    peak = {"bfloat16": matmul_peak(torch.bfloat16), "float32": matmul_peak(torch.float32)}
+    print(f"matmul peak ({torch.get_num_threads()} threads): bf16 {peak['bfloat16']:.0f} GFLOP/s, "
+          f"fp32 {peak['float32']:.0f} GFLOP/s")
+
+    llm, tokenizer = load(args.model, dtype=dtype)
+    cfg = llm.cfg
+    dense = sum(p.numel() for p in llm.parameters()) - cfg.vocab_size * cfg.dim  # outside the (tied) table
+    dataset = data.load_dataset(args.data)
+    candidates = dict(list(dataset.candidates("test", args.depth).items())[:args.queries])
+    template = qpeft.Template(tokenizer, qpeft.QPEFTConfig().instruction)
+    examples = data.training_examples(dataset, "train", seed=0)
+    texts = {d: " " + dataset.corpus[d] for docs in candidates.values() for d in docs}
+    texts.update({d: " " + dataset.corpus[d] for e in examples for d in (e.positive_docid, e.hard_negative_docid)})
+    tokens = data.tokenize_texts(tokenizer, texts, max_tokens=qpeft.QPEFTConfig().max_passage_tokens)
+    tokens.update(data.tokenize_texts(tokenizer, {q: dataset.queries[q] for q in list(candidates) + [e.qid for e in examples]}))
+    pairs = [(q, d) for q, docs in candidates.items() for d in docs]
+    n_pairs = len(pairs)
+    zeroshot = qpeft.Reranker(qpeft.QPEFTConfig(method="zeroshot"), llm, template)
+    qpeft_a = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).eval()
+
+    def scoring_flops(hint_tokens):
+        prefix = sum(len(template.prefix(tokens[d])) for _, d in pairs)
+        targets = sum(len(tokens[q]) + 1 for q, _ in pairs)
+        suffix = sum(len(template.question) + hint_tokens(q) for q, _ in pairs) + targets
+        return prefix + suffix, 2 * dense * (prefix + suffix) + 2 * cfg.dim * cfg.vocab_size * targets
+
+    rows, figures = [], {"peak_gflops_bf16": round(peak["bfloat16"], 1), "peak_gflops_fp32": round(peak["float32"], 1)}
+    wrap = len(template.hints_open) + len(template.hints_close)
+    for name, reranker, hint_tokens in [("zeroshot", zeroshot, lambda q: 0),
+                                        ("qpeft-a", qpeft_a, lambda q: wrap + len(tokens[q]))]:
+        qpeft.rerank(llm, template, {name: reranker}, dict(list(candidates.items())[:1]), tokens, 4096, "warm-up")
+        _, seconds = timed(lambda: qpeft.rerank(llm, template, {name: reranker}, candidates, tokens, 4096, f"score {name}"))
+        n_tokens, flops = scoring_flops(hint_tokens)
+        rows.append((f"score {name}", n_pairs / seconds, n_tokens / seconds, flops / seconds / 1e9))
+        if name == "zeroshot":
+            figures.update(score_pairs_per_s=round(n_pairs / seconds, 2),
+                           score_frac_peak=round(flops / seconds / 1e9 / peak[args.dtype], 3))
+
+    # Training: the same batches through the fast path and the naive one.
+    batches = data.train_batches(examples, 4, seed=0)[:args.train_steps]
+    train = {}
+    for path in ("fast", "naive"):
+        reranker = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).train()
+        optimizer = torch.optim.AdamW([p for p in reranker.parameters() if p.requires_grad], lr=3e-2)
+
+        def step(batch):
+            if path == "fast":
+                loss = qpeft.batch_loss(llm, template, reranker, batch, tokens, margin=0.0)
+            else:
+                pairs_ = qpeft.batch_pairs(batch)
+                scores = qpeft.score_pairs_uncached(llm, template, reranker, [tokens[batch[i].qid] for i, _, _ in pairs_],
+                                                    [tokens[d] for _, d, _ in pairs_])
+                loss = qpeft.ranking_loss(scores, pairs_, margin=0.0)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return len(qpeft.batch_pairs(batch))
+
+        step(batches[0])  # warm-up
+        start = time.perf_counter()
+        trained_pairs = sum(step(b) for b in batches)
+        seconds = time.perf_counter() - start
+        # FLOPs of the fast path's work (the naive path does more, all of it counted as waste)
+        passages = sum(len(template.prefix(tokens[d])) for b in batches
+                       for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b})
+        per_pair = [(len(tokens[b[i].qid]), wrap + len(template.question) + 2 * len(tokens[b[i].qid]) + 1)
+                    for b in batches for i, _, _ in qpeft.batch_pairs(b)]
+        targets = sum(t + 1 for t, _ in per_pair)
+        suffix = sum(s for _, s in per_pair)
+        flops = 2 * dense * passages + 4 * dense * suffix + 6 * cfg.dim * cfg.vocab_size * targets
+        train[path] = trained_pairs / seconds
+        rows.append((f"train qpeft-a ({path})", trained_pairs / seconds, (passages + suffix) / seconds, flops / seconds / 1e9))
+        if path == "fast":
+            figures.update(train_pairs_per_s=round(trained_pairs / seconds, 2),
+                           train_frac_peak=round(flops / seconds / 1e9 / peak[args.dtype], 3))
+    figures["train_speedup_vs_naive"] = round(train["fast"] / train["naive"], 2)
+
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        hf = transformers.LlamaForCausalLM.from_pretrained(find_asset(args.model, "models"), dtype=dtype).eval()
+        lengths = [len(template.prefix(tokens[d])) for _, d in pairs]
+        batches = data.token_budget_batches(lengths, 4096)
+
+        def hf_scores():
+            with torch.no_grad():
+                for batch in batches:
+                    seqs = [template.prefix(tokens[pairs[i][1]]) + template.question + tokens[pairs[i][0]] + [template.eos]
+                            for i in batch]
+                    ids, mask = qpeft.pad_ids(seqs, "cpu")
+                    logprobs = torch.log_softmax(hf(input_ids=ids, attention_mask=mask.long()).logits.float(), -1)
+                    del logprobs
+
+        hf_scores()
+        _, seconds = timed(hf_scores)
+        ours = figures["score_pairs_per_s"]
+        rows.append(("score zeroshot (transformers)", n_pairs / seconds, float("nan"), float("nan")))
+        figures["hf_ratio"] = round(ours / (n_pairs / seconds), 2)
+
+    print(f"\n{n_pairs} test pairs ({args.queries} queries x {args.depth}), {args.dtype}, "
+          f"{dense / 1e6:.1f}M dense parameters; % of the {args.dtype} matmul peak")
+    print(f"{'':34}{'pairs/s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}")
+    for name, pairs_s, tokens_s, gflops in rows:
+        print(f"{name:34}{pairs_s:9.2f}{tokens_s:10.0f}{gflops:9.1f}{100 * gflops / peak[args.dtype]:7.1f}%")
+    print(f"training: fast path {figures['train_speedup_vs_naive']:.2f}x the naive path's pairs/s"
+          + (f"; zero-shot scoring {figures['hf_ratio']:.2f}x transformers" if "hf_ratio" in figures else
+             "; transformers not installed (pip install transformers to compare)"))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
