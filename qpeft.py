@@ -128,7 +128,7 @@ class Reranker(nn.Module):
         wrap_open = torch.tensor(template.hints_open, device=dev)
         wrap_close = torch.tensor(template.hints_close, device=dev)
         if self.cfg.method == "qpeft-r":
-            middles = [self.embed_hint_ids(llm, torch.tensor(select_top_k(self, llm, q, p, self.cfg.top_k), device=dev))
+            middles = [self.embed_hint_ids(llm, torch.tensor(select_top_k(self, llm, q, p, self.cfg.top_k), dtype=torch.long, device=dev))
                        for q, p in zip(queries, passages)]
         else:
             q_ids, q_mask = pad_ids(queries, dev)                                   # (N, Lq)
@@ -172,7 +172,7 @@ def select_top_k(reranker, llm, query_ids, passage_ids, k):
 def pad_ids(lists, device, pad=0):
     """Right-padded ids (N, L) and a mask (N, L), True on real tokens."""
     L = max(len(x) for x in lists)
-    ids = torch.tensor([x + [pad] * (L - len(x)) for x in lists], device=device)
+    ids = torch.tensor([x + [pad] * (L - len(x)) for x in lists], dtype=torch.long, device=device)
     mask = torch.tensor([[True] * len(x) + [False] * (L - len(x)) for x in lists], device=device)
     return ids, mask
 
@@ -268,9 +268,9 @@ def ranking_loss(scores, pairs, margin):
     """L = mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin), NLL = -score (a mean
     per token, so the margin is on a per-token scale, as in the official code)."""
     nll = -scores                                                               # (N,)
-    is_pos = torch.tensor([p for _, _, p in pairs])
-    query = torch.tensor([i for i, _, _ in pairs])
-    nll_pos = torch.zeros(int(query.max()) + 1).index_copy(0, query[is_pos], nll[is_pos])  # (B,)
+    is_pos = torch.tensor([p for _, _, p in pairs], device=nll.device)
+    query = torch.tensor([i for i, _, _ in pairs], device=nll.device)
+    nll_pos = torch.zeros(int(query.max()) + 1, device=nll.device).index_copy(0, query[is_pos], nll[is_pos])  # (B,)
     hinge = F.relu(nll_pos[query[~is_pos]] - nll[~is_pos] + margin)
     return nll_pos.mean() + hinge.mean()
 
@@ -301,6 +301,7 @@ def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out
         reranker.load_state_dict(saved["module"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
+        torch.set_rng_state(saved["torch_rng"])  # dropout masks continue as if never interrupted
         log(f"{method}: resumed at step {state['step']} from {resume_file}")
     if state["step"] == 0:  # the untrained module's dev loss: the point training must beat
         state["history"].append({"step": 0, "dev_loss": dev_loss_of(llm, template, reranker, dev_batches, tc.margin, tokens)})
@@ -329,7 +330,8 @@ def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out
                 state["bad_checks"] += 1
             state["step"] = step + 1
             atomic_save(lambda f: torch.save({"module": reranker.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "state": state}, f), resume_file)
+                                              "state": state,
+                                              "torch_rng": torch.get_rng_state()}, f), resume_file)
             if state["bad_checks"] >= tc.patience:
                 log(f"{method}: early stop at step {step + 1} (no dev improvement in {tc.patience} checks)")
                 break
@@ -508,17 +510,16 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a", encoding="utf-8")
 
-    def log(message):
+    def log(message):  # to the terminal (around progress bars) and appended to out/log.txt
         tqdm.write(message)
-        log_file.write(message + "\n")
-        log_file.flush()
+        with open(out / "log.txt", "a", encoding="utf-8") as f:
+            f.write(message + "\n")
 
     torch.manual_seed(args.seed or 0)
     random.seed(args.seed or 0)
     dtype = getattr(torch, args.dtype)
-    start = time.perf_counter()
+    start = run_start = time.perf_counter()
     llm, tokenizer = load(args.model, dtype=dtype)
     log(f"$ python qpeft.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     log(f"model {args.model}: {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M frozen parameters, "
@@ -574,7 +575,7 @@ def main(argv=None):
         if method != "zeroshot":
             if args.resume and module_file.exists():
                 reranker = load_module(module_file, llm, template_for)
-                log(f"{method}: reusing trained module {module_file}")
+                log(f"{method}: reusing trained module {module_file} (training flags such as --steps are ignored)")
             else:
                 log(f"{method}: {reranker.trainable_parameters():,} trainable parameters (fp32)")
                 start = time.perf_counter()
@@ -603,7 +604,7 @@ def main(argv=None):
         metrics.setdefault(name, {})[args.split] = entry
     atomic_save(lambda f: Path(f).write_text(json.dumps(metrics, indent=1)), out / "metrics.json")
     log(results_table(per_query, args.split, level, args.depth, timing, n_pairs))
-    log(f"total wall time {time.perf_counter() - start:.0f} s; runs, modules and metrics.json in {out}/")
+    log(f"total wall time {time.perf_counter() - run_start:.0f} s; runs, modules and metrics.json in {out}/")
 
 
 def results_table(per_query, split, level, depth, timing, n_pairs):

@@ -1,0 +1,519 @@
+"""qpeft.py: the cached scorer against a naive full-sequence computation, top-k selection and the
+loss by hand, attention masking, what trains, save/load, the command line end to end on a tiny
+random Llama (with resume), and a smoke test with the real SmolLM2. About 15 s on 2 CPU cores."""
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import eval as ir
+import qpeft
+from conftest import SHARED, smollm2_dir
+from data import TrainExample
+from model import load
+from qpeft import (QPEFTConfig, Reranker, Template, TrainConfig, batch_loss, encode_prefixes, load_module,
+                   save_module, score_pairs, select_top_k)
+
+TOKENIZER_JSON = SHARED / "models" / "smollm2-135m-instruct" / "tokenizer.json"
+INSTRUCTION = QPEFTConfig().instruction
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are far too small to split between threads: on a busy 2-core machine
+    a (42 x 32) @ (32 x 64) matmul took 16 ms with two threads and 0.01 ms with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- a tiny random Llama with the SmolLM2 tokenizer ---------------------------------------------
+def write_tiny_llama(folder, seed=0):
+    """config.json + model.safetensors (HF names, tied embeddings) + SmolLM2's tokenizer.json.
+    dim 32, 2 layers, 4 heads / 2 KV heads (GQA), vocab 49,152 so that every token id has a row."""
+    if not TOKENIZER_JSON.exists():
+        pytest.skip(f"{TOKENIZER_JSON} missing (the shared folder is not beside the checkout)")
+    folder.mkdir(parents=True)
+    D, layers, heads, kv_heads, ffn, vocab = 32, 2, 4, 2, 64, 49152
+    hd = D // heads
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": D, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "intermediate_size": ffn, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}))
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale):
+        return torch.randn(*shape, generator=g) * scale
+
+    tensors = {"model.embed_tokens.weight": randn(vocab, D, scale=0.5), "model.norm.weight": 1 + randn(D, scale=0.1)}
+    for i in range(layers):
+        shapes = {"self_attn.q_proj": (heads * hd, D), "self_attn.k_proj": (kv_heads * hd, D),
+                  "self_attn.v_proj": (kv_heads * hd, D), "self_attn.o_proj": (D, heads * hd),
+                  "mlp.gate_proj": (ffn, D), "mlp.up_proj": (ffn, D), "mlp.down_proj": (D, ffn)}
+        for name, shape in shapes.items():
+            tensors[f"model.layers.{i}.{name}.weight"] = randn(*shape, scale=shape[1] ** -0.5)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{i}.{norm}.weight"] = 1 + randn(D, scale=0.1)
+    save_file(tensors, folder / "model.safetensors")
+    shutil.copy(TOKENIZER_JSON, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """(llm, tokenizer, template) in float32; the LLM is frozen, so tests can share it."""
+    llm, tokenizer = load(tiny_dir, dtype=torch.float32)
+    return llm, tokenizer, Template(tokenizer, INSTRUCTION)
+
+
+def make_reranker(method, llm, template, seed=0, **cfg):
+    """A module whose parameters are moved off their initial values (E' != E, soft prompt != P), so
+    that a test cannot pass by confusing E' with E or the soft prompt with the instruction."""
+    torch.manual_seed(seed)
+    reranker = Reranker(QPEFTConfig(method=method, **cfg), llm, template)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in reranker.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return reranker.eval()  # eval: no attention dropout
+
+
+# ---- the cached scorer equals one plain pass over the whole sequence -------------------------
+def naive_score(llm, template, reranker, query, passage):
+    """Mean log-prob of query + eos from ONE uncached forward pass over
+    [P passage] [H] "Question: \\n" query eos, with float32 logits at every position."""
+    method = reranker.cfg.method
+    E = llm.tok_embeddings
+    text = template.question + query + [template.eos]
+    if method == "zeroshot":
+        logits = llm(torch.tensor([template.prefix(passage) + text]))[0]             # (T, V) the plain API
+    else:
+        pieces = [E(torch.tensor(template.prefix(passage)))]                          # P + passage
+        if method == "prompt":                                                        # P replaced by the soft prompt
+            P = len(template.prompt)
+            pieces[0] = torch.cat([reranker.soft_prompt, pieces[0][P:]])
+        if method == "qpeft-r":  # H = MLP(E'(["hints: "] + top-k ids + ["\n"]))
+            ids = template.hints_open + select_top_k(reranker, llm, query, passage, reranker.cfg.top_k) \
+                + template.hints_close
+            pieces.append(reranker.mlp(reranker.embed_hint_ids(llm, torch.tensor(ids))))
+        if method == "qpeft-a":  # H = MLP([E'("hints: "), attention(E'(query), E(passage)), E'("\n")]), no padding
+            keys = E(torch.tensor(passage))[None]
+            attended, _ = reranker.attention(reranker.embed_hint_ids(llm, torch.tensor(query))[None], keys, keys)
+            block = torch.cat([reranker.embed_hint_ids(llm, torch.tensor(template.hints_open)), attended[0],
+                               reranker.embed_hint_ids(llm, torch.tensor(template.hints_close))])
+            pieces.append(reranker.mlp(block))
+        pieces.append(E(torch.tensor(text)))
+        x = torch.cat(pieces)[None]                                                   # (1, T, D)
+        h, _ = llm.hidden(x, torch.arange(x.shape[1])[None])
+        logits = llm.logits(h[0])                                                     # (T, V)
+    logprobs = logits.log_softmax(-1)
+    targets = torch.tensor(query + [template.eos])
+    n, T = len(targets), logits.shape[0]
+    # position t predicts token t + 1: the last n tokens are predicted at positions T-n-1 .. T-2
+    return logprobs[T - n - 1:T - 1].gather(1, targets[:, None])[:, 0].mean()
+
+
+PASSAGES = [" Paris is the capital and largest city of France.",
+            " Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in the leaves"
+            " of green plants.",
+            " Tea."]
+QUERIES = ["capital of france", "how do green plants make sugar from light and water", "tea"]
+# (query, passage) pairs: every passage with two queries of other lengths, so rows are reused
+PAIRS = [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0)]
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "prompt", "qpeft-r", "qpeft-a"])
+def test_cached_scorer_equals_naive_full_sequence(tiny, method):
+    llm, tokenizer, template = tiny
+    reranker = make_reranker(method, llm, template, top_k=4)  # " Tea." has 2 distinct tokens < k: shorter H
+    passages = [tokenizer.encode(p) for p in PASSAGES]        # 10, 20 and 2 tokens: padded prefixes
+    queries = [tokenizer.encode(q) for q in QUERIES]          # 4, 10 and 2 tokens: padded suffixes
+    with torch.no_grad():
+        prefix = encode_prefixes(llm, template, reranker, passages)
+        fast = score_pairs(llm, template, reranker, prefix, [d for _, d in PAIRS],
+                           [queries[q] for q, _ in PAIRS], [passages[d] for _, d in PAIRS])
+        slow = torch.stack([naive_score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS])
+    assert fast.dtype == torch.float32 and fast.shape == (len(PAIRS),)
+    assert (fast - slow).abs().max() <= 1e-4, (fast, slow)
+    assert (fast < 0).all()  # mean log-probabilities
+
+
+def test_zeroshot_needs_no_module(tiny):
+    """reranker=None is plain zero-shot query likelihood, the same as the zeroshot method."""
+    llm, tokenizer, template = tiny
+    passages, queries = [tokenizer.encode(p) for p in PASSAGES], [tokenizer.encode(q) for q in QUERIES]
+    with torch.no_grad():
+        args = ([0, 1, 2], queries, passages)
+        plain = score_pairs(llm, template, None, encode_prefixes(llm, template, None, passages), *args)
+        zs = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
+        assert torch.equal(plain, score_pairs(llm, template, zs, encode_prefixes(llm, template, zs, passages), *args))
+
+
+# ---- Q-PEFT-R's top-k selection on a table where the cosines are obvious --------------------
+def test_select_top_k_by_hand():
+    # E' (query side) and E (passage side) are different tables on purpose: query id 0 is [1, 0, 0]
+    # in E' but [0, 1, 0] in E; selecting with E(query) would put token 6 first.
+    e_prime = torch.zeros(10, 3)
+    e_prime[0], e_prime[1] = torch.tensor([1., 0, 0]), torch.tensor([0., 0, 1])      # query tokens 0 and 1
+    E = torch.zeros(10, 3)
+    E[0] = torch.tensor([0., 1, 0])
+    E[1] = torch.tensor([0., 0, 1])
+    E[2] = torch.tensor([2., 0, 0])          # cos with query token 0: 1.0 (norm does not matter)
+    E[3] = torch.tensor([0., .6, .8])        # cos with query token 1: 0.8
+    E[4] = E[5] = torch.tensor([.6, .8, 0])  # 0.6 both: a tie between two ids
+    E[6] = torch.tensor([0., 1, 0])          # 0.0
+    E[7] = torch.tensor([-.6, 0, -.8])       # max(-0.6, -0.8) = -0.6
+    llm = SimpleNamespace(tok_embeddings=nn.Embedding.from_pretrained(E))
+    reranker = SimpleNamespace(embed_hint_ids=lambda llm, ids: e_prime[ids])
+    query = [0, 1]
+    passage = [6, 5, 2, 7, 4, 5, 3, 2]  # position: 0 1 2 3 4 5 6 7; ids 2 and 5 occur twice
+    # best score per id: 2 -> 1.0, 3 -> 0.8, 5 -> 0.6 (first at position 1), 4 -> 0.6 (position 4), 6 -> 0, 7 -> -0.6
+    # tie 5/4: the earlier position first, not the smaller id
+    assert select_top_k(reranker, llm, query, passage, k=3) == [2, 3, 5]
+    assert select_top_k(reranker, llm, query, passage, k=4) == [2, 3, 5, 4]
+    # k above the 6 distinct passage ids: all of them, once each, no padding or resampling
+    assert select_top_k(reranker, llm, query, passage, k=10) == [2, 3, 5, 4, 6, 7]
+    # only passage tokens are candidates: the query's own ids (cosine 1 with themselves) never appear
+    assert select_top_k(reranker, llm, query, [7, 6], k=5) == [6, 7]
+    # the tie rule is about positions: with 4 before 5 in the passage, 4 comes first
+    assert select_top_k(reranker, llm, query, [4, 5], k=2) == [4, 5]
+
+
+# ---- Q-PEFT-A: padding in a batch changes nothing ------------------------------------------
+def test_attention_hint_block_ignores_padding(tiny):
+    llm, tokenizer, template = tiny
+    reranker = make_reranker("qpeft-a", llm, template)      # eval mode: dropout off
+    short_q, short_p = tokenizer.encode("tea"), tokenizer.encode(" Tea is a drink.")
+    long_q = tokenizer.encode("how do green plants make sugar from light and water")
+    long_p = tokenizer.encode(PASSAGES[1])
+    with torch.no_grad():
+        alone = reranker.hint_block(llm, template, [short_q], [short_p])[0]
+        batched = reranker.hint_block(llm, template, [long_q, short_q, short_q], [long_p, short_p, long_p])
+    # one vector per query token, between E'("hints: ") and E'("\n")
+    assert alone.shape == (len(template.hints_open) + len(short_q) + len(template.hints_close), 32)
+    assert (batched[1] - alone).abs().max() <= 1e-5  # padded keys (passage) and padded queries are masked out
+    # ... and the block does depend on the passage (the attention is not a no-op)
+    assert (batched[2] - alone).abs().max() > 1e-3
+
+
+# ---- the loss on known numbers ---------------------------------------------------------------
+def test_batch_loss_by_hand(monkeypatch):
+    # Two queries: q1 (positive A, hard negative a), q2 (positive B, hard negative b). Token "ids" are
+    # just labels; score_pairs is replaced by a table of mean log-probs s, NLL = -s.
+    tokens = {"q1": [1], "q2": [2], "A": [10], "a": [11], "B": [20], "b": [21]}
+    name = {tuple(v): k for k, v in tokens.items()}
+    s = {("q1", "A"): -1.0, ("q1", "B"): -1.6, ("q1", "a"): -0.8,
+         ("q2", "B"): -2.0, ("q2", "A"): -3.5, ("q2", "b"): -1.9}
+    scored, pairs = [], []
+
+    def fake_score_pairs(llm, template, reranker, prefix, rows, queries, passages):
+        pairs.append([(name[tuple(q)], name[tuple(p)]) for q, p in zip(queries, passages)])
+        scored.append(torch.tensor([s[k] for k in pairs[-1]], requires_grad=True))
+        return scored[-1] * 1  # not a leaf, like a real score: its grad lands in scored[-1].grad
+    monkeypatch.setattr(qpeft, "score_pairs", fake_score_pairs)
+    monkeypatch.setattr(qpeft, "encode_prefixes", lambda *args: None)
+    reranker = SimpleNamespace(cfg=SimpleNamespace(method="qpeft-a"))
+    batch = [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")]
+    loss = batch_loss(None, None, reranker, batch, tokens, margin=0.5)
+    # negatives: the other query's positive (in-batch) + the own hard negative, nothing else
+    assert len(pairs) == 1 and sorted(pairs[0]) == sorted(s)
+    # NLL(pos): q1 1.0, q2 2.0 -> mean 1.5
+    # hinges relu(NLL+ - NLL- + 0.5): q1/B relu(1.0-1.6+.5)=0, q1/a relu(1.0-0.8+.5)=0.7,
+    #                                 q2/A relu(2.0-3.5+.5)=0, q2/b relu(2.0-1.9+.5)=0.6 -> mean 1.3/4 = 0.325
+    assert loss.item() == pytest.approx(1.825, abs=1e-6)
+    # dL/ds: a positive gets -1/2 (mean NLL over 2 queries) - 1/4 per active hinge (mean over 4 negatives);
+    # a negative +1/4 when its hinge is active, else 0
+    loss.backward()
+    grad = dict(zip(pairs[0], scored[0].grad.tolist()))
+    expected = {("q1", "A"): -0.75, ("q1", "a"): 0.25, ("q1", "B"): 0.0,
+                ("q2", "B"): -0.75, ("q2", "b"): 0.25, ("q2", "A"): 0.0}
+    assert grad == pytest.approx(expected, abs=1e-6)
+
+
+def test_batch_loss_uses_the_right_prefix_rows(tiny):
+    """The real batch_loss on the tiny model equals the formula on naively computed scores: the
+    passages' cached rows are matched to the right pairs."""
+    llm, tokenizer, template = tiny
+    reranker = make_reranker("qpeft-a", llm, template)
+    texts = {"q1": "capital of france", "q2": "tea", "A": PASSAGES[0], "a": PASSAGES[1], "B": PASSAGES[2],
+             "b": " Coffee is made from roasted beans."}
+    tokens = {k: tokenizer.encode(v) for k, v in texts.items()}
+    with torch.no_grad():
+        loss = batch_loss(llm, template, reranker, [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")],
+                          tokens, margin=0.3)
+        nll = {(q, d): -naive_score(llm, template, reranker, tokens[q], tokens[d]).item()
+               for q in ("q1", "q2") for d in ("A", "a", "B", "b")}
+    hinges = [max(0.0, nll["q1", "A"] - nll["q1", d] + 0.3) for d in ("B", "a")] + \
+             [max(0.0, nll["q2", "B"] - nll["q2", d] + 0.3) for d in ("A", "b")]
+    expected = (nll["q1", "A"] + nll["q2", "B"]) / 2 + sum(hinges) / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+
+
+# ---- what trains ---------------------------------------------------------------------------
+def test_trainable_parameter_counts_by_hand(tiny):
+    llm, _, template = tiny
+    D, V, P = 32, 49152, len(template.prompt)
+    mlp, attention = 2 * (D * D + D), 4 * D * D + 4 * D  # attention: in-proj (3D x D + 3D) + out-proj (D x D + D)
+    count = {m: Reranker(QPEFTConfig(method=m), llm, template).trainable_parameters() for m in qpeft.METHODS}
+    assert count == {"zeroshot": 0, "prompt": P * D, "qpeft-r": V * D + mlp, "qpeft-a": V * D + mlp + attention}
+    light = Reranker(QPEFTConfig(method="qpeft-a", train_embeddings=False), llm, template)
+    assert light.trainable_parameters() == mlp + attention   # E' = frozen E: the light module
+
+
+def small_training_set(tokenizer):
+    texts = {"t1": "capital of france", "t2": "how do plants make sugar", "t3": "tea", "t4": "how is coffee made",
+             "p1": PASSAGES[0], "p2": PASSAGES[1], "p3": PASSAGES[2], "p4": " Coffee is made from roasted beans.",
+             "n1": " Berlin is the capital of Germany.", "n2": " Mars is red."}
+    tokens = {k: tokenizer.encode(v) for k, v in texts.items()}
+    train = [TrainExample("t1", "p1", "n1"), TrainExample("t2", "p2", "n2"),
+             TrainExample("t3", "p3", "n1"), TrainExample("t4", "p4", "n2")]
+    return train, train[:2], tokens
+
+
+@pytest.mark.parametrize("method", ["prompt", "qpeft-r", "qpeft-a"])
+def test_one_training_step_changes_only_the_module(tiny, tmp_path, method):
+    llm, tokenizer, template = tiny
+    train_examples, dev_examples, tokens = small_training_set(tokenizer)
+    llm_before = {k: v.clone() for k, v in llm.state_dict().items()}
+    reranker = Reranker(QPEFTConfig(method=method, top_k=4), llm, template)
+    module_before = {k: v.detach().clone() for k, v in qpeft.trainable_state(reranker).items()}
+    tc = TrainConfig(steps=1, queries_per_batch=2, eval_every=1, dev_queries=2)
+    messages = []
+    state = qpeft.train(llm, template, reranker, train_examples, dev_examples, tokens, tc, tmp_path, messages.append)
+    assert state["step"] == 1 and "step 1 train loss" in messages[-1]
+    # the frozen LLM: bit-identical, and never given a gradient
+    for name, tensor in llm.state_dict().items():
+        assert torch.equal(tensor, llm_before[name]), name
+    assert all(not p.requires_grad and p.grad is None for p in llm.parameters())
+    # every trainable tensor of the module moved (AdamW's decoupled weight decay moves even rows without a gradient)
+    after = qpeft.trainable_state(reranker)
+    assert after.keys() == module_before.keys() and after
+    for name, tensor in after.items():
+        assert tensor.dtype == torch.float32
+        assert not torch.equal(tensor, module_before[name]), f"{method}: {name} did not change"
+
+
+# ---- a saved module gives identical scores --------------------------------------------------
+@pytest.mark.parametrize("method", ["prompt", "qpeft-r", "qpeft-a"])
+def test_save_and_load_module_scores_identically(tiny, tmp_path, method):
+    llm, tokenizer, template = tiny
+    reranker = make_reranker(method, llm, template, top_k=5, seed=3)
+    path = tmp_path / f"{method}.safetensors"
+    save_module(reranker, path, {"note": "test"})
+    assert json.loads(path.with_suffix(".json").read_text())["qpeft"]["method"] == method
+    loaded = load_module(path, llm, lambda cfg: Template(tokenizer, cfg.instruction))
+    assert loaded.cfg == reranker.cfg and not loaded.training
+    passages, queries = [tokenizer.encode(p) for p in PASSAGES], [tokenizer.encode(q) for q in QUERIES]
+    with torch.no_grad():
+        a, b = [score_pairs(llm, template, r, encode_prefixes(llm, template, r, passages), [0, 1, 2, 0],
+                            queries + [queries[1]], passages + [passages[0]]) for r in (reranker, loaded)]
+    assert torch.equal(a, b)
+
+
+def test_load_module_bad_files(tiny, tmp_path):
+    llm, tokenizer, template = tiny
+    path = tmp_path / "qpeft-a.safetensors"
+    save_module(make_reranker("qpeft-a", llm, template), path, {})
+    config = json.loads(path.with_suffix(".json").read_text())
+    # weights of one method under another method's config: named, not silently half-loaded
+    config["qpeft"]["method"] = "qpeft-r"
+    path.with_suffix(".json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"qpeft-a.safetensors: tensor 'attention\..*' is missing, unexpected"):
+        load_module(path, llm, lambda cfg: template)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"qpeft-a\.json: the module's config is missing"):
+        load_module(path, llm, lambda cfg: template)
+
+
+# ---- the command line end to end on a tiny BEIR folder -------------------------------------
+CORPUS = {"p1": "Paris is the capital and largest city of France.",
+          "p2": "Photosynthesis lets plants make energy from light.",
+          "p3": "The Eiffel Tower is a landmark in Paris, France.",
+          "p4": "Berlin is the capital of Germany.",
+          "p5": "Plants need water, light and carbon dioxide.",
+          "p6": "Beijing, the capital of China, is near the Great Wall.",
+          "p7": "Coffee is made from roasted coffee beans and hot water.",
+          "p8": "Tea is made from the leaves of tea plants.",
+          "p9": "Mars is the fourth planet from the sun.",
+          "p10": "Water boils at 100 degrees Celsius at sea level, in France too."}
+QUERY_TEXT = {"t1": "capital of france", "t2": "how do plants make energy", "t3": "how is coffee made",
+              "t4": "which planet is fourth from the sun", "v1": "capital of germany", "v2": "what is tea made from",
+              "s1": "what is the capital of france", "s2": "do plants need water"}
+QRELS = {"train": [("t1", "p1", 1), ("t2", "p2", 1), ("t3", "p7", 1), ("t4", "p9", 1)],
+         "dev": [("v1", "p4", 1), ("v2", "p8", 1)],
+         "test": [("s1", "p1", 2), ("s1", "p3", 1), ("s2", "p5", 1)]}
+# first stage for train and dev; test has no run, so BM25 over the corpus is computed
+RUNS = {"train": {"t1": ["p3", "p1", "p4"], "t2": ["p5", "p2", "p8"], "t3": ["p8", "p7"], "t4": ["p9", "p7", "p8"]},
+        "dev": {"v1": ["p1", "p4"], "v2": ["p7", "p8", "p9"]}}
+
+
+def write_beir(root, splits):
+    """A BEIR folder with the qrels (and runs, where there are) of `splits`."""
+    root.mkdir()
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n"
+                                               for d, t in CORPUS.items()))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n"
+                                                for q, t in QUERY_TEXT.items()))
+    (root / "qrels").mkdir()
+    (root / "runs").mkdir()
+    for split in splits:
+        (root / "qrels" / f"{split}.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in QRELS[split]))
+        if split in RUNS:
+            (root / "runs" / f"{split}.bm25.trec").write_text("".join(
+                f"{q} Q0 {d} {r} {10.0 - r} bm25\n" for q, docs in RUNS[split].items() for r, d in enumerate(docs, 1)))
+    return root
+
+
+def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
+    data_dir, out = write_beir(tmp_path / "beir", ["train", "dev", "test"]), tmp_path / "out"
+    common = ["--model", str(tiny_dir), "--dtype", "float32", "--depth", "3"]
+    qpeft.main(["--data", str(data_dir), *common, "--methods", "zeroshot,qpeft-r,qpeft-a", "--steps", "2",
+                "--eval-every", "1", "--queries-per-batch", "2", "--out", str(out), "--dev-queries", "2"])
+    methods = ["zeroshot", "qpeft-r", "qpeft-a"]
+    for method in methods:
+        assert (out / f"{method}.test.trec").exists()
+    for method in ("qpeft-r", "qpeft-a"):  # trained modules, and no resume file left behind
+        assert (out / f"{method}.safetensors").exists() and not (out / f"{method}.resume.pt").exists()
+        saved = json.loads((out / f"{method}.json").read_text())
+        assert saved["qpeft"]["method"] == method and saved["train"]["steps"] == 2
+        assert [h["step"] for h in saved["history"] if "train_loss" in h] == [1, 2]
+    assert not (out / "zeroshot.safetensors").exists()
+    log = (out / "log.txt").read_text()
+    assert "qpeft-a: step 2 train loss" in log and "nDCG@10" in log
+    # metrics.json: {method: {split: {measure: value}}}, plus {method: {"train": {...}}} for trained ones
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"bm25", *methods}
+    for name in metrics:
+        test = metrics[name]["test"]
+        assert test["queries"] == 2
+        for measure in ("ndcg_cut_10", "mrr_10", "recall_100", "success_10"):
+            assert 0.0 <= test[measure] <= 1.0
+    assert metrics["qpeft-a"]["train"]["steps"] == 2 and metrics["qpeft-a"]["test"]["depth"] == 3
+    # runs: every first-stage passage, distinct scores; the 3 reranked candidates above the BM25 tail
+    bm25 = ir.read_run(out / "bm25.test.trec")
+    # no test run given, so BM25 over the corpus: 5 matches per query, the top 3 reranked
+    assert {q: len(docs) for q, docs in bm25.items()} == {"s1": 5, "s2": 5}
+    top3 = {q: set(ir.trec_ranking(docs)[:3]) for q, docs in bm25.items()}
+    for method in methods:
+        run = ir.read_run(out / f"{method}.test.trec")
+        for q, docs in run.items():
+            assert docs.keys() == bm25[q].keys()
+            assert len(set(docs.values())) == len(docs), f"{method}/{q}: tied scores"
+            assert set(ir.trec_ranking(docs)[:3]) == top3[q]
+            assert all(docs[d] < 0 for d in top3[q])  # mean log-probs
+
+    # --eval-only with the saved module on a folder that has ONLY a test split (no train/dev to find)
+    test_only, out2 = write_beir(tmp_path / "beir_test_only", ["test"]), tmp_path / "out2"
+    qpeft.main(["--data", str(test_only), *common, "--eval-only", "--checkpoint", str(out / "qpeft-a.safetensors"),
+                "--out", str(out2)])
+    assert set(json.loads((out2 / "metrics.json").read_text())) == {"bm25", "qpeft-a"}
+    again, before = ir.read_run(out2 / "qpeft-a.test.trec"), ir.read_run(out / "qpeft-a.test.trec")
+    for q in before:  # the reloaded module reproduces the trained run's scores
+        assert again[q] == pytest.approx(before[q], abs=1e-6)
+
+
+# ---- --resume continues an interrupted run --------------------------------------------------
+@pytest.mark.parametrize("dropout", ["0.0", "0.1"])  # 0.1: dropout masks must continue too
+def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, dropout):
+    data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
+    args = ["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
+            "--methods", "qpeft-a", "--steps", "4", "--eval-every", "1", "--queries-per-batch", "2",
+            "--dev-queries", "2", "--dropout", dropout]
+    qpeft.main(args + ["--out", str(tmp_path / "straight")])
+
+    class Interrupted(Exception):
+        pass
+    real_loss, train_calls = qpeft.batch_loss, []
+
+    def loss_then_crash(*a, **k):  # dev losses run without gradients; the 3rd training batch never finishes
+        if torch.is_grad_enabled():
+            train_calls.append(1)
+            if len(train_calls) == 3:
+                raise Interrupted
+        return real_loss(*a, **k)
+    monkeypatch.setattr(qpeft, "batch_loss", loss_then_crash)
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupted):
+        qpeft.main(args + ["--out", str(out)])
+    assert (out / "qpeft-a.resume.pt").exists() and not (out / "qpeft-a.safetensors").exists()
+    monkeypatch.setattr(qpeft, "batch_loss", real_loss)
+    qpeft.main(args + ["--out", str(out), "--resume"])
+    assert "qpeft-a: resumed at step 2" in (out / "log.txt").read_text()
+    assert not (out / "qpeft-a.resume.pt").exists()
+    history = json.loads((out / "qpeft-a.json").read_text())["history"]
+    assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4]
+    # the resumed run is the uninterrupted one: same dev losses, same weights (AdamW state restored too)
+    straight = json.loads((tmp_path / "straight" / "qpeft-a.json").read_text())["history"]
+    assert [h["dev_loss"] for h in history] == pytest.approx([h["dev_loss"] for h in straight], abs=1e-6)
+    resumed = load_file(out / "qpeft-a.safetensors")
+    uninterrupted = load_file(tmp_path / "straight" / "qpeft-a.safetensors")
+    for name in uninterrupted:
+        assert torch.allclose(resumed[name], uninterrupted[name], atol=1e-6, rtol=0), name
+    # --resume after a finished run reuses the saved module: it does not train further
+    qpeft.main(args + ["--out", str(out), "--resume", "--steps", "6"])
+    assert "qpeft-a: reusing trained module" in (out / "log.txt").read_text()
+    assert json.loads((out / "metrics.json").read_text())["qpeft-a"]["train"]["steps"] == 4
+
+
+def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
+    # A fake clock in qpeft: every perf_counter() reading is 10 s after the previous one.
+    readings = []
+
+    def clock():
+        readings.append(10.0 * len(readings))
+        return readings[-1]
+    monkeypatch.setattr(qpeft, "time", SimpleNamespace(perf_counter=clock))
+    out = tmp_path / "out"
+    qpeft.main(["--model", str(tiny_dir), "--data", str(write_beir(tmp_path / "beir", ["train", "dev", "test"])),
+                "--dtype", "float32", "--depth", "2", "--methods", "zeroshot,qpeft-a", "--steps", "1",
+                "--queries-per-batch", "2", "--dev-queries", "2", "--out", str(out)])
+    # the last reading is the one the total is taken at; the first is taken before the model is loaded
+    assert f"total wall time {readings[-1] - readings[0]:.0f} s" in (out / "log.txt").read_text()
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_unknown_method_is_a_clean_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        qpeft.main(["--data", "anything", "--methods", "zeroshot,bogus"])
+    assert exit_info.value.code == 2
+    assert "unknown method 'bogus'" in capsys.readouterr().err
+
+
+# ---- the real SmolLM2: zero-shot query likelihood prefers the relevant passage ----------------
+def test_smollm2_zeroshot_prefers_relevant_passages():
+    folder = smollm2_dir()
+    passages = [" Paris is the capital and most populous city of France, on the river Seine.",
+                " Photosynthesis is the process by which green plants use sunlight to make food from carbon "
+                "dioxide and water.",
+                " Romeo and Juliet is a tragedy written by William Shakespeare early in his career."]
+    queries = ["what is the capital of france", "how do plants make food from sunlight", "who wrote romeo and juliet"]
+    pairs = [(q, d) for q in range(3) for d in range(3)]
+    scores = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        llm, tokenizer = load(folder, dtype=dtype)
+        template = Template(tokenizer, INSTRUCTION)
+        p_ids, q_ids = [tokenizer.encode(p) for p in passages], [tokenizer.encode(q) for q in queries]
+        with torch.no_grad():
+            prefix = encode_prefixes(llm, template, None, p_ids)
+            scores[dtype] = score_pairs(llm, template, None, prefix, [d for _, d in pairs],
+                                        [q_ids[q] for q, _ in pairs], [p_ids[d] for _, d in pairs]).view(3, 3)
+        # scores[query, passage]; query i's relevant passage is passage i, so the diagonal wins every
+        # row (measured margins: about 1 nat per token)
+        assert scores[dtype].argmax(1).tolist() == [0, 1, 2], (dtype, scores[dtype])
+        if dtype == torch.float32:  # the real tokenizer and model: cached path == one plain pass
+            zs = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
+            with torch.no_grad():
+                assert abs(scores[dtype][0, 0] - naive_score(llm, template, zs, q_ids[0], p_ids[0])) <= 1e-4
+    # bf16 (the CLI default) stays close to fp32: measured differences are below 0.05 nat/token
+    assert (scores[torch.bfloat16] - scores[torch.float32]).abs().max() <= 0.15
