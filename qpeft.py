@@ -527,10 +527,6 @@ def main(argv=None):
     dataset = data.load_dataset(args.data)
     base_cfg = pick(QPEFTConfig, args)
     tc = pick(TrainConfig, args)
-    if args.preset in PRESETS:  # preset training values that are not QPEFT/Train dataclass defaults
-        for key in ("steps", "eval_every", "patience"):
-            if getattr(args, key) is None and key in PRESETS[args.preset]:
-                setattr(tc, key, PRESETS[args.preset][key])
 
     def template_for(cfg):
         return Template(tokenizer, cfg.instruction)
@@ -552,6 +548,9 @@ def main(argv=None):
         train_examples = data.training_examples(train_set, "train", seed=tc.seed)
         if args.train_queries:
             train_examples = train_examples[:args.train_queries]
+        if "dev" not in dataset.splits:
+            raise SystemExit(f"qpeft.py: error: {dataset.path} has no dev split (qrels/dev.tsv), "
+                             f"needed for early stopping; use --eval-only to rerank with a trained module")
         dev_examples = data.training_examples(dataset, "dev", seed=tc.seed)[:tc.dev_queries]
         for e in train_examples + dev_examples:
             texts[e.positive_docid] = " " + train_set.corpus[e.positive_docid]
