@@ -20,7 +20,6 @@ is predicted.
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -65,6 +64,14 @@ class TrainConfig:
     seed: int = 0
 
 
+@dataclass
+class TokenIds:
+    """Token ids of passages and queries, kept apart: MS MARCO numbers both with the same kind of
+    id strings (passage 1072603 and query 1072603 both exist), so one shared table would mix them."""
+    passages: dict  # docid -> ids of " {passage}", cut to max_passage_tokens
+    queries: dict   # qid -> ids of "{query}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The input template, tokenised piece by piece
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +83,8 @@ class Template:
 
     def __init__(self, tokenizer, instruction):
         self.tokenizer = tokenizer
-        self.prompt = ([tokenizer.bos_id] if tokenizer.add_bos else []) + tokenizer.encode(instruction)
+        self.bos = [tokenizer.bos_id] if tokenizer.add_bos else []   # never part of the soft prompt
+        self.prompt = tokenizer.encode(instruction)
         self.passage_open = tokenizer.encode("\nPassage:")
         self.passage_close = tokenizer.encode(" \n")
         self.hints_open = tokenizer.encode("hints: ")
@@ -86,7 +94,7 @@ class Template:
 
     def prefix(self, passage_ids):
         """Everything before H: P and the passage."""
-        return self.prompt + self.passage_open + passage_ids + self.passage_close
+        return self.bos + self.prompt + self.passage_open + passage_ids + self.passage_close
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +195,10 @@ def encode_prefixes(llm, template, reranker, passages):
     dev = llm.tok_embeddings.weight.device
     ids, mask = pad_ids([template.prefix(p) for p in passages], dev)             # (Np, S)
     x = llm.tok_embeddings(ids)                                                 # (Np, S, D)
-    if reranker is not None and reranker.cfg.method == "prompt":
-        P = len(template.prompt)
-        x = torch.cat([reranker.soft_prompt.to(x.dtype).expand(len(passages), -1, -1), x[:, P:]], dim=1)
+    if reranker is not None and reranker.cfg.method == "prompt":  # swap in the trainable P after bos
+        b, P = len(template.bos), len(template.prompt)
+        soft = reranker.soft_prompt.to(x.dtype).expand(len(passages), -1, -1)         # (Np, P, D)
+        x = torch.cat([x[:, :b], soft, x[:, b + P:]], dim=1)                        # (Np, S, D)
     positions = torch.arange(ids.shape[1], device=dev).expand(len(passages), -1)
     _, past = llm.hidden(x, positions)
     return past, mask, mask.sum(1)
@@ -236,7 +245,8 @@ def score_pairs_uncached(llm, template, reranker, queries, passages):
     for hint, q, p in zip(hints, queries, passages):
         prefix = llm.tok_embeddings(torch.tensor(template.prefix(p), device=dev))      # (S, D)
         if reranker is not None and reranker.cfg.method == "prompt":
-            prefix = torch.cat([reranker.soft_prompt.to(dtype), prefix[len(template.prompt):]])
+            b = len(template.bos)
+            prefix = torch.cat([prefix[:b], reranker.soft_prompt.to(dtype), prefix[b + len(template.prompt):]])
         text = llm.tok_embeddings(torch.tensor(template.question + q + [template.eos], device=dev))
         sequences.append(torch.cat([prefix] + ([hint.to(dtype)] if hint is not None else []) + [text]))
         first_target.append(len(sequences[-1]) - len(q) - 1)
@@ -280,39 +290,53 @@ def batch_loss(llm, template, reranker, batch, tokens, margin):
     docids = sorted({e.positive_docid for e in batch} | {e.hard_negative_docid for e in batch})
     row = {d: i for i, d in enumerate(docids)}
     with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.cfg.method == "prompt"):
-        prefix = encode_prefixes(llm, template, reranker, [tokens[d] for d in docids])
+        prefix = encode_prefixes(llm, template, reranker, [tokens.passages[d] for d in docids])
     pairs = batch_pairs(batch)
     scores = score_pairs(llm, template, reranker, prefix, [row[d] for _, d, _ in pairs],
-                         [tokens[batch[i].qid] for i, _, _ in pairs], [tokens[d] for _, d, _ in pairs])
+                         [tokens.queries[batch[i].qid] for i, _, _ in pairs],
+                         [tokens.passages[d] for _, d, _ in pairs])
     return ranking_loss(scores, pairs, margin)
 
 
-def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out, log):
+def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out, log, resume=False):
     """AdamW on the trainable parameters (fp32, like their optimizer state), early stopping on the
-    dev loss; the best module by dev loss is kept. Resumable from out/{method}.resume.pt."""
+    dev loss; the module with the best dev loss is kept, the untrained one included. With
+    `resume`, continues from out/{method}.resume.pt (written at every dev check)."""
     method = reranker.cfg.method
     params = [p for p in reranker.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    dev_batches = data.train_batches(dev_examples[:tc.dev_queries], tc.queries_per_batch, seed=0)
-    state = {"step": 0, "best_loss": float("inf"), "best": None, "bad_checks": 0, "history": []}
+    dev_batches = data.train_batches(dev_examples, tc.queries_per_batch, seed=0)
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in trainable_state(reranker).items()}
+
     resume_file = out / f"{method}.resume.pt"
-    if resume_file.exists():
+    if resume and resume_file.exists():
         saved = torch.load(resume_file, weights_only=False)
+        if saved["config"] != [asdict(reranker.cfg), asdict(tc)]:
+            raise SystemExit(f"qpeft.py: error: {resume_file} was written with other settings; "
+                             f"rerun with the same flags or without --resume")
         reranker.load_state_dict(saved["module"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         torch.set_rng_state(saved["torch_rng"])  # dropout masks continue as if never interrupted
         log(f"{method}: resumed at step {state['step']} from {resume_file}")
-    if state["step"] == 0:  # the untrained module's dev loss: the point training must beat
-        state["history"].append({"step": 0, "dev_loss": dev_loss_of(llm, template, reranker, dev_batches, tc.margin, tokens)})
-        log(f"{method}: step 0 dev loss {state['history'][0]['dev_loss']:.4f}")
+    else:  # the untrained module is the first candidate: training must beat its dev loss
+        loss0 = dev_loss_of(llm, template, reranker, dev_batches, tc.margin, tokens)
+        state = {"step": 0, "best_loss": loss0, "best_step": 0, "best": snapshot(), "bad_checks": 0,
+                 "history": [{"step": 0, "dev_loss": loss0}]}
+        log(f"{method}: step 0 dev loss {loss0:.4f}")
     per_epoch = max(1, len(train_examples) // tc.queries_per_batch)
     bar = tqdm(range(state["step"], tc.steps), desc=f"train {method}", initial=state["step"], total=tc.steps)
     for step in bar:
+        if state["bad_checks"] >= tc.patience:
+            log(f"{method}: early stop at step {step} (no dev improvement in {tc.patience} checks)")
+            break
         epoch, index = divmod(step, per_epoch)
-        batch = data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch)[index]
+        if index == 0 or step == state["step"]:  # a new shuffle each epoch, the same for the same seed
+            epoch_batches = data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch)
         reranker.train()
-        loss = batch_loss(llm, template, reranker, batch, tokens, tc.margin)
+        loss = batch_loss(llm, template, reranker, epoch_batches[index], tokens, tc.margin)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -324,22 +348,17 @@ def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out
             log(f"{method}: step {step + 1} train loss {loss.item():.4f} dev loss {dev_loss:.4f}"
                 + (" (best)" if improved else ""))
             if improved:
-                state.update(best_loss=dev_loss, bad_checks=0,
-                             best={k: v.detach().clone() for k, v in trainable_state(reranker).items()})
+                state.update(best_loss=dev_loss, best_step=step + 1, bad_checks=0, best=snapshot())
             else:
                 state["bad_checks"] += 1
             state["step"] = step + 1
             atomic_save(lambda f: torch.save({"module": reranker.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "state": state,
-                                              "torch_rng": torch.get_rng_state()}, f), resume_file)
-            if state["bad_checks"] >= tc.patience:
-                log(f"{method}: early stop at step {step + 1} (no dev improvement in {tc.patience} checks)")
-                break
+                                              "state": state, "torch_rng": torch.get_rng_state(),
+                                              "config": [asdict(reranker.cfg), asdict(tc)]}, f), resume_file)
     bar.close()
-    if state["best"] is not None:
-        reranker.load_state_dict(state["best"], strict=False)
-    reranker.eval()
-    return state
+    reranker.load_state_dict(state["best"])
+    log(f"{method}: keeping the module of step {state['best_step']} (dev loss {state['best_loss']:.4f})")
+    return reranker.eval(), state
 
 
 @torch.no_grad()
@@ -378,7 +397,7 @@ def load_module(path, llm, template_for):
     for name in expected.keys() | saved.keys():
         if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
             raise ValueError(f"{path}: tensor '{name}' is missing, unexpected or mis-shaped for method {cfg.method}")
-    reranker.load_state_dict(saved, strict=False)  # strict on the trainable tensors, checked above
+    reranker.load_state_dict(saved)
     return reranker.eval()
 
 
@@ -395,13 +414,13 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc):
         for d in docids:
             pairs_of.setdefault(d, []).append(qid)
     docids = sorted(pairs_of)
-    lengths = [len(template.prefix(tokens[d])) for d in docids]
+    lengths = [len(template.prefix(tokens.passages[d])) for d in docids]
     batches = data.token_budget_batches(lengths, token_budget)
     scores = {m: {q: {} for q in candidates} for m in rerankers}
     seconds = {m: 0.0 for m in rerankers}
     shared_seconds = 0.0
     for batch in tqdm(batches, desc=desc, unit="batch"):
-        passages = [tokens[docids[i]] for i in batch]
+        passages = [tokens.passages[docids[i]] for i in batch]
         start = time.perf_counter()
         shared = encode_prefixes(llm, template, None, passages)
         shared_seconds += time.perf_counter() - start
@@ -413,7 +432,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc):
             for chunk in range(0, len(pairs), len(batch)):  # at most one pair per passage row at a time
                 part = pairs[chunk:chunk + len(batch)]
                 s = score_pairs(llm, template, reranker, prefix, [r for r, _ in part],
-                                [tokens[q] for _, q in part], [passages[r] for r, _ in part])
+                                [tokens.queries[q] for _, q in part], [passages[r] for r, _ in part])
                 for (r, qid), value in zip(part, s.tolist()):
                     scores[method][qid][docids[batch[r]]] = value
             seconds[method] += time.perf_counter() - start
@@ -435,17 +454,23 @@ def with_tail(scores, first_stage):
     return run
 
 
-MEASURES = ["ndcg_cut_10", "recip_rank", "recall_100", "success_10"]
-SHOWN = {"ndcg_cut_10": "nDCG@10", "mrr_10": "MRR@10", "recall_100": "R@100", "success_10": "HR@10"}
+SHOWN = {"ndcg_cut_10": "nDCG@10", "mrr_10": "MRR@10", "recall_10": "R@10", "recall_20": "R@20", "success_5": "HR@5"}
 
 
 def evaluate_run(run, qrels, level):
-    """Per-query values of MEASURES, with MRR@10 = recip_rank on the top 10 (trec_eval has no cutoff)."""
-    per_query = ir.evaluate(qrels, run, ["ndcg_cut_10", "recall_100", "success_10"], relevance_level=level)
+    """Per-query values of the SHOWN measures; MRR@10 = recip_rank on the top 10 (trec_eval's has no cutoff)."""
+    per_query = ir.evaluate(qrels, run, ["ndcg_cut_10", "recall_10", "recall_20", "success_5"], relevance_level=level)
     mrr = ir.evaluate(qrels, ir.cut_run(run, 10), ["recip_rank"], relevance_level=level)
     for qid in per_query:
         per_query[qid]["mrr_10"] = mrr[qid]["recip_rank"]
     return per_query
+
+
+def ndcg_delta(per_query, name, base):
+    """Mean nDCG@10 of `name` minus `base` and the two-sided paired t-test p-value over queries."""
+    delta, _, p = ir.paired_t_test({q: v["ndcg_cut_10"] for q, v in per_query[base].items()},
+                                   {q: v["ndcg_cut_10"] for q, v in per_query[name].items()})
+    return delta, p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,8 +541,6 @@ def main(argv=None):
         with open(out / "log.txt", "a", encoding="utf-8") as f:
             f.write(message + "\n")
 
-    torch.manual_seed(args.seed or 0)
-    random.seed(args.seed or 0)
     dtype = getattr(torch, args.dtype)
     start = run_start = time.perf_counter()
     llm, tokenizer = load(args.model, dtype=dtype)
@@ -532,7 +555,8 @@ def main(argv=None):
         return Template(tokenizer, cfg.instruction)
 
     template = template_for(base_cfg)
-    first_stage = dataset.first_stage(args.split, 1000)
+    # Queries without candidates are left out, like trec_eval leaves out queries missing from a run.
+    first_stage = {q: docs for q, docs in dataset.first_stage(args.split, 1000).items() if docs}
     candidates = {q: list(docs)[:args.depth] for q, docs in first_stage.items()}
     rerankers = {}
     if args.eval_only:  # several modules share one pass over the passages (if they share the instruction)
@@ -540,6 +564,8 @@ def main(argv=None):
             reranker = load_module(file, llm, template_for)
             rerankers[Path(file).stem] = reranker
             template, base_cfg = template_for(reranker.cfg), reranker.cfg
+        if len({(r.cfg.instruction, r.cfg.max_passage_tokens) for r in rerankers.values()}) > 1:
+            raise SystemExit("qpeft.py: error: --checkpoint: the modules differ in instruction or max_passage_tokens")
     methods = list(rerankers) or args.methods.split(",")
     texts = {d: " " + dataset.corpus[d] for docs in candidates.values() for d in docs}
     train_examples, dev_examples = [], []
@@ -559,31 +585,35 @@ def main(argv=None):
     else:
         queries = {}
     queries.update({q: dataset.queries[q] for q in candidates})
-    tokens = data.tokenize_texts(tokenizer, texts, max_tokens=base_cfg.max_passage_tokens)
-    tokens.update(data.tokenize_texts(tokenizer, queries))
+    tokens = TokenIds(passages=data.tokenize_texts(tokenizer, texts, max_tokens=base_cfg.max_passage_tokens),
+                      queries=data.tokenize_texts(tokenizer, queries))
     log(f"data {args.data}: {len(candidates)} {args.split} queries x depth {args.depth}, "
         f"{len(train_examples)} train / {len(dev_examples)} dev queries for training")
 
-    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    resumed = args.resume and (out / "metrics.json").exists()  # keeps the training records of reused modules
+    metrics = json.loads((out / "metrics.json").read_text()) if resumed else {}
     for method in methods:
         if method in rerankers:
             continue
         cfg = QPEFTConfig(**{**asdict(base_cfg), "method": method})
-        reranker = Reranker(cfg, llm, template)
         module_file = out / f"{method}.safetensors"
+        torch.manual_seed(tc.seed)  # a method's initial weights do not depend on which methods ran before
+        reranker = Reranker(cfg, llm, template) if not (args.resume and module_file.exists()) else None
         if method != "zeroshot":
-            if args.resume and module_file.exists():
+            if reranker is None:
                 reranker = load_module(module_file, llm, template_for)
                 log(f"{method}: reusing trained module {module_file} (training flags such as --steps are ignored)")
             else:
                 log(f"{method}: {reranker.trainable_parameters():,} trainable parameters (fp32)")
                 start = time.perf_counter()
-                history = train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out, log)
+                reranker, state = train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out, log,
+                                        resume=args.resume)
                 seconds = time.perf_counter() - start
                 save_module(reranker, module_file, {"train": asdict(tc), "model": args.model, "data": args.data,
-                                                    "history": history["history"], "train_seconds": seconds})
-                metrics.setdefault(method, {})["train"] = {"seconds": round(seconds, 1), "steps": history["step"],
-                                                           "best_dev_loss": history["best_loss"]}
+                                                    "history": state["history"], "train_seconds": seconds})
+                metrics.setdefault(method, {})["training"] = {
+                    "seconds": round(seconds, 1), "steps": state["step"], "best_step": state["best_step"],
+                    "best_dev_loss": state["best_loss"], "train_queries": len(train_examples)}
                 (out / f"{method}.resume.pt").unlink(missing_ok=True)
         rerankers[method] = reranker
 
@@ -595,36 +625,32 @@ def main(argv=None):
     for name, run in runs.items():
         ir.write_run(out / f"{name}.{args.split}.trec", run, tag=name.replace("-", "_"))
         per_query[name] = evaluate_run(run, qrels, level)
-        entry = {m: ir.summarize(per_query[name])[m] for m in SHOWN}
-        entry["queries"] = len(per_query[name])
+    for name in runs:
+        entry = {**ir.summarize(per_query[name]), "queries": len(per_query[name])}
+        for base in ("bm25", "zeroshot"):
+            if base in runs and name not in (base, "bm25"):
+                entry[f"ndcg_cut_10_delta_{base}"], entry[f"ndcg_cut_10_p_{base}"] = ndcg_delta(per_query, name, base)
         if name in rerankers:
             entry.update(seconds=round(timing[name], 1), pairs_per_s=round(n_pairs / timing[name], 2),
                          depth=args.depth, trainable_parameters=rerankers[name].trainable_parameters())
         metrics.setdefault(name, {})[args.split] = entry
     atomic_save(lambda f: Path(f).write_text(json.dumps(metrics, indent=1)), out / "metrics.json")
-    log(results_table(per_query, args.split, level, args.depth, timing, n_pairs))
+    log(results_table({name: metrics[name][args.split] for name in runs}, args.split, level, args.depth))
     log(f"total wall time {time.perf_counter() - run_start:.0f} s; runs, modules and metrics.json in {out}/")
 
 
-def results_table(per_query, split, level, depth, timing, n_pairs):
-    """Means per method, and nDCG@10 deltas to BM25 and zero-shot with paired t-test p-values."""
-    lines = [f"{split}: {len(per_query['bm25'])} queries, top-{depth} reranked, trec_eval semantics "
-             f"(nDCG graded; MRR/R/HR at relevance >= {level}; averaged over queries with judgments)",
+def results_table(results, split, level, depth):
+    """One row per method: the SHOWN means, nDCG@10 deltas to BM25 and zero-shot with p-values, speed."""
+    lines = [f"{split}: {results['bm25']['queries']} queries, BM25 top-{depth} reranked; trec_eval semantics "
+             f"(nDCG graded; MRR/R/HR at relevance >= {level}; queries in both run and qrels); p: paired t-test",
              f"{'method':10}" + "".join(f"{v:>9}" for v in SHOWN.values())
              + f"{'Δ BM25':>9}{'p':>7}{'Δ zero':>9}{'p':>7}{'pairs/s':>9}"]
-    for name, values in per_query.items():
-        means = ir.summarize(values)
-        row = f"{name:10}" + "".join(f"{means[m]:9.4f}" for m in SHOWN)
+    for name, r in results.items():
+        row = f"{name:10}" + "".join(f"{r[m]:9.4f}" for m in SHOWN)
         for base in ("bm25", "zeroshot"):
-            if base in per_query and base != name:
-                a = {q: v["ndcg_cut_10"] for q, v in per_query[base].items()}
-                b = {q: v["ndcg_cut_10"] for q, v in values.items()}
-                delta, _, p = ir.paired_t_test(a, b)
-                row += f"{delta:+9.4f}{p:7.3f}"
-            else:
-                row += f"{'':9}{'':7}"
-        row += f"{n_pairs / timing[name]:9.1f}" if name in timing else ""
-        lines.append(row)
+            key = f"ndcg_cut_10_delta_{base}"
+            row += f"{r[key]:+9.4f}{r[f'ndcg_cut_10_p_{base}']:7.3f}" if key in r else f"{'':16}"
+        lines.append(row + (f"{r['pairs_per_s']:9.1f}" if "pairs_per_s" in r else ""))
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import qpeft
 from conftest import SHARED, smollm2_dir
 from data import TrainExample
 from model import load
-from qpeft import (QPEFTConfig, Reranker, Template, TrainConfig, batch_loss, encode_prefixes, load_module,
+from qpeft import (QPEFTConfig, Reranker, Template, TokenIds, TrainConfig, batch_loss, encode_prefixes, load_module,
                    save_module, score_pairs, select_top_k)
 
 TOKENIZER_JSON = SHARED / "models" / "smollm2-135m-instruct" / "tokenizer.json"
@@ -210,8 +210,8 @@ def test_attention_hint_block_ignores_padding(tiny):
 def test_batch_loss_by_hand(monkeypatch):
     # Two queries: q1 (positive A, hard negative a), q2 (positive B, hard negative b). Token "ids" are
     # just labels; score_pairs is replaced by a table of mean log-probs s, NLL = -s.
-    tokens = {"q1": [1], "q2": [2], "A": [10], "a": [11], "B": [20], "b": [21]}
-    name = {tuple(v): k for k, v in tokens.items()}
+    tokens = TokenIds(queries={"q1": [1], "q2": [2]}, passages={"A": [10], "a": [11], "B": [20], "b": [21]})
+    name = {tuple(v): k for k, v in {**tokens.queries, **tokens.passages}.items()}
     s = {("q1", "A"): -1.0, ("q1", "B"): -1.6, ("q1", "a"): -0.8,
          ("q2", "B"): -2.0, ("q2", "A"): -3.5, ("q2", "b"): -1.9}
     scored, pairs = [], []
@@ -247,11 +247,12 @@ def test_batch_loss_uses_the_right_prefix_rows(tiny):
     reranker = make_reranker("qpeft-a", llm, template)
     texts = {"q1": "capital of france", "q2": "tea", "A": PASSAGES[0], "a": PASSAGES[1], "B": PASSAGES[2],
              "b": " Coffee is made from roasted beans."}
-    tokens = {k: tokenizer.encode(v) for k, v in texts.items()}
+    tokens = TokenIds(queries={k: tokenizer.encode(v) for k, v in texts.items() if k.startswith("q")},
+                      passages={k: tokenizer.encode(v) for k, v in texts.items() if not k.startswith("q")})
     with torch.no_grad():
         loss = batch_loss(llm, template, reranker, [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")],
                           tokens, margin=0.3)
-        nll = {(q, d): -naive_score(llm, template, reranker, tokens[q], tokens[d]).item()
+        nll = {(q, d): -naive_score(llm, template, reranker, tokens.queries[q], tokens.passages[d]).item()
                for q in ("q1", "q2") for d in ("A", "a", "B", "b")}
     hinges = [max(0.0, nll["q1", "A"] - nll["q1", d] + 0.3) for d in ("B", "a")] + \
              [max(0.0, nll["q2", "B"] - nll["q2", d] + 0.3) for d in ("A", "b")]
@@ -274,14 +275,15 @@ def small_training_set(tokenizer):
     texts = {"t1": "capital of france", "t2": "how do plants make sugar", "t3": "tea", "t4": "how is coffee made",
              "p1": PASSAGES[0], "p2": PASSAGES[1], "p3": PASSAGES[2], "p4": " Coffee is made from roasted beans.",
              "n1": " Berlin is the capital of Germany.", "n2": " Mars is red."}
-    tokens = {k: tokenizer.encode(v) for k, v in texts.items()}
+    tokens = TokenIds(queries={k: tokenizer.encode(v) for k, v in texts.items() if k.startswith("t")},
+                      passages={k: tokenizer.encode(v) for k, v in texts.items() if not k.startswith("t")})
     train = [TrainExample("t1", "p1", "n1"), TrainExample("t2", "p2", "n2"),
              TrainExample("t3", "p3", "n1"), TrainExample("t4", "p4", "n2")]
     return train, train[:2], tokens
 
 
 @pytest.mark.parametrize("method", ["prompt", "qpeft-r", "qpeft-a"])
-def test_one_training_step_changes_only_the_module(tiny, tmp_path, method):
+def test_one_training_step_changes_only_the_module(tiny, tmp_path, monkeypatch, method):
     llm, tokenizer, template = tiny
     train_examples, dev_examples, tokens = small_training_set(tokenizer)
     llm_before = {k: v.clone() for k, v in llm.state_dict().items()}
@@ -289,8 +291,12 @@ def test_one_training_step_changes_only_the_module(tiny, tmp_path, method):
     module_before = {k: v.detach().clone() for k, v in qpeft.trainable_state(reranker).items()}
     tc = TrainConfig(steps=1, queries_per_batch=2, eval_every=1, dev_queries=2)
     messages = []
-    state = qpeft.train(llm, template, reranker, train_examples, dev_examples, tokens, tc, tmp_path, messages.append)
-    assert state["step"] == 1 and "step 1 train loss" in messages[-1]
+    # train() keeps the module with the best dev loss, the untrained one included: make step 1 the best
+    dev_losses = iter([2.0, 1.0])
+    monkeypatch.setattr(qpeft, "dev_loss_of", lambda *args: next(dev_losses))
+    reranker, state = qpeft.train(llm, template, reranker, train_examples, dev_examples, tokens, tc, tmp_path,
+                                  messages.append)
+    assert state["step"] == 1 and state["best_step"] == 1 and "step 1 train loss" in messages[-2]
     # the frozen LLM: bit-identical, and never given a gradient
     for name, tensor in llm.state_dict().items():
         assert torch.equal(tensor, llm_before[name]), name
@@ -391,15 +397,15 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
     assert not (out / "zeroshot.safetensors").exists()
     log = (out / "log.txt").read_text()
     assert "qpeft-a: step 2 train loss" in log and "nDCG@10" in log
-    # metrics.json: {method: {split: {measure: value}}}, plus {method: {"train": {...}}} for trained ones
+    # metrics.json: {method: {split: {measure: value}}}, plus {method: {"training": {...}}} for trained ones
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"bm25", *methods}
     for name in metrics:
         test = metrics[name]["test"]
         assert test["queries"] == 2
-        for measure in ("ndcg_cut_10", "mrr_10", "recall_100", "success_10"):
+        for measure in ("ndcg_cut_10", "mrr_10", "recall_10", "recall_20", "success_5"):
             assert 0.0 <= test[measure] <= 1.0
-    assert metrics["qpeft-a"]["train"]["steps"] == 2 and metrics["qpeft-a"]["test"]["depth"] == 3
+    assert metrics["qpeft-a"]["training"]["steps"] == 2 and metrics["qpeft-a"]["test"]["depth"] == 3
     # runs: every first-stage passage, distinct scores; the 3 reranked candidates above the BM25 tail
     bm25 = ir.read_run(out / "bm25.test.trec")
     # no test run given, so BM25 over the corpus: 5 matches per query, the top 3 reranked
@@ -463,7 +469,7 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     # --resume after a finished run reuses the saved module: it does not train further
     qpeft.main(args + ["--out", str(out), "--resume", "--steps", "6"])
     assert "qpeft-a: reusing trained module" in (out / "log.txt").read_text()
-    assert json.loads((out / "metrics.json").read_text())["qpeft-a"]["train"]["steps"] == 4
+    assert json.loads((out / "metrics.json").read_text())["qpeft-a"]["training"]["steps"] == 4
 
 
 def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
