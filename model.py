@@ -1,8 +1,8 @@
 """A decoder-only Llama in plain PyTorch, loaded straight from Hugging Face safetensors.
 
 RMSNorm, rotate-half RoPE (with the llama3 frequency rule), grouped-query attention through
-F.scaled_dot_product_attention, SwiGLU MLP. Enough to run SmolLM2, TinyLlama, Llama-2/3 and
-Mistral-shaped checkpoints for scoring; no generation tricks, no training of the LLM.
+F.scaled_dot_product_attention, SwiGLU MLP. Enough to run SmolLM2, TinyLlama and Llama-2/3
+checkpoints (model_type "llama") for scoring; no generation tricks, no training of the LLM.
 
 Two ways in:
   model(ids)                         -> float32 logits (B, T, vocab): the plain API for readers and tests.
@@ -277,16 +277,16 @@ class Transformer(nn.Module):
                 raise ValueError(f"{path}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {tuple(expected[name])}")
             state[name] = tensor.to(device=device, dtype=dtype)
-        if cfg.tie_embeddings:
-            expected.pop("output.weight")  # same Parameter as tok_embeddings.weight
-        missing = sorted(set(expected) - set(state))
+        if cfg.tie_embeddings and "tok_embeddings.weight" in state:
+            state["output.weight"] = state["tok_embeddings.weight"]  # tied: one table, both names
+        missing = sorted(set(expected) - set(state) - ({"output.weight"} if cfg.tie_embeddings else set()))
         if missing:
             ours_to_hf = {v: k for k, v in HF_TO_OURS.items()}
             first = re.sub(r"\.(\d+)\.", ".{}.", missing[0], count=1)
             num = re.search(r"\.(\d+)\.", missing[0])
             hf = ours_to_hf[first].format(num.group(1)) if num else ours_to_hf[first]
             raise ValueError(f"{path}: missing tensor '{hf}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared Parameter
         model.inv_freq = rope_frequencies(cfg).to(device)  # buffers built on meta need real values

@@ -4,9 +4,10 @@ Peng, Wu, Wang, Rajanala, Fang. "Q-PEFT: Query-dependent Parameter Efficient Fin
 Reranking with Large Language Models", arXiv 2404.04522 (2024); official code zhiyuanpeng/Q-PEFT.
 Spec: ../shared/docs/method.md. A frozen LLM scores a (query, passage) pair by query likelihood,
 
-    [bos] P " Passage: {passage} \\n" H "Question: \\n" {query} eos
+    [bos] P "\\nPassage:" " {passage}" " \\n" H "Question: \\n" {query} eos
 
-score = mean log-probability of the query tokens and eos. Four rerankers differ in what trains:
+(the spec's template; the newline after the instruction P is our choice, so that "Passage:" starts
+a line). score = mean log-probability of the query tokens and eos. Four rerankers differ in what trains:
   zeroshot  nothing                       P frozen, no H
   prompt    P (soft prompt, Lester et al.) P trainable, no H
   qpeft-r   E' and the MLP                 H = MLP(E'("hints: "), E'(top-k passage tokens), E'("\\n"))
@@ -53,7 +54,7 @@ class QPEFTConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100               # optimizer steps (batches)
+    steps: int = 100               # optimizer steps, one per batch (the official code stepped per 2 pairs)
     queries_per_batch: int = 4     # paper: 4; negatives are the other queries' positives + 1 BM25 hard negative
     lr: float = 3e-2               # paper: 3e-2 (AdamW)
     weight_decay: float = 0.01     # paper: 0.01
@@ -79,7 +80,9 @@ class Template:
     """Token ids of the fixed text pieces. Each piece is tokenised on its own and the ids are
     concatenated (not the joined string): a passage's ids, and so its cached keys/values, must
     not depend on the query or the method around it. Passages and queries are tokenised with a
-    leading space where a word boundary precedes them, so byte-level BPE sees ' word' as usual."""
+    leading space where a word boundary precedes them, so byte-level BPE sees ' word' as usual
+    (sentencepiece marks word starts itself; whether it keeps the leading space depends on the
+    model's normalizer)."""
 
     def __init__(self, tokenizer, instruction):
         self.tokenizer = tokenizer
@@ -138,7 +141,7 @@ class Reranker(nn.Module):
         if self.cfg.method == "qpeft-r":
             middles = [self.embed_hint_ids(llm, torch.tensor(select_top_k(self, llm, q, p, self.cfg.top_k), dtype=torch.long, device=dev))
                        for q, p in zip(queries, passages)]
-        else:
+        else:  # keys/values: the passage's tokens only (the official code used its whole template row)
             q_ids, q_mask = pad_ids(queries, dev)                                   # (N, Lq)
             p_ids, p_mask = pad_ids(passages, dev)                                  # (N, Ld)
             attended, _ = self.attention(self.embed_hint_ids(llm, q_ids),           # (N, Lq, D)
@@ -429,7 +432,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc):
             start = time.perf_counter()
             own_prompt = reranker.cfg.method == "prompt"
             prefix = encode_prefixes(llm, template, reranker, passages) if own_prompt else shared
-            for chunk in range(0, len(pairs), len(batch)):  # at most one pair per passage row at a time
+            for chunk in range(0, len(pairs), len(batch)):  # suffix batches no larger than the passage batch
                 part = pairs[chunk:chunk + len(batch)]
                 s = score_pairs(llm, template, reranker, prefix, [r for r, _ in part],
                                 [tokens.queries[q] for _, q in part], [passages[r] for r, _ in part])
