@@ -61,35 +61,40 @@ def main():
 
     llm, tokenizer = load(args.model, dtype=dtype)
     cfg = llm.cfg
-    dense = sum(p.numel() for p in llm.parameters()) - cfg.vocab_size * cfg.dim  # outside the (tied) table
+    # Parameters outside the embedding table and lm_head (named_parameters lists a tied table once).
+    dense = sum(p.numel() for n, p in llm.named_parameters() if n not in ("tok_embeddings.weight", "output.weight"))
     dataset = data.load_dataset(args.data)
     candidates = dict(list(dataset.candidates("test", args.depth).items())[:args.queries])
     template = qpeft.Template(tokenizer, qpeft.QPEFTConfig().instruction)
     examples = data.training_examples(dataset, "train", seed=0)
     texts = {d: " " + dataset.corpus[d] for docs in candidates.values() for d in docs}
     texts.update({d: " " + dataset.corpus[d] for e in examples for d in (e.positive_docid, e.hard_negative_docid)})
-    tokens = data.tokenize_texts(tokenizer, texts, max_tokens=qpeft.QPEFTConfig().max_passage_tokens)
-    tokens.update(data.tokenize_texts(tokenizer, {q: dataset.queries[q] for q in list(candidates) + [e.qid for e in examples]}))
+    query_ids = list(candidates) + [e.qid for e in examples]
+    tokens = qpeft.TokenIds(
+        passages=data.tokenize_texts(tokenizer, texts, max_tokens=qpeft.QPEFTConfig().max_passage_tokens),
+        queries=data.tokenize_texts(tokenizer, {q: dataset.queries[q] for q in query_ids}))
     pairs = [(q, d) for q, docs in candidates.items() for d in docs]
     n_pairs = len(pairs)
     zeroshot = qpeft.Reranker(qpeft.QPEFTConfig(method="zeroshot"), llm, template)
     qpeft_a = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).eval()
 
     def scoring_flops(hint_tokens):
-        prefix = sum(len(template.prefix(tokens[d])) for _, d in pairs)
-        targets = sum(len(tokens[q]) + 1 for q, _ in pairs)
+        prefix = sum(len(template.prefix(tokens.passages[d])) for d in {d for _, d in pairs})  # once per passage
+        targets = sum(len(tokens.queries[q]) + 1 for q, _ in pairs)
         suffix = sum(len(template.question) + hint_tokens(q) for q, _ in pairs) + targets
         return prefix + suffix, 2 * dense * (prefix + suffix) + 2 * cfg.dim * cfg.vocab_size * targets
 
     rows, figures = [], {"peak_gflops_bf16": round(peak["bfloat16"], 1), "peak_gflops_fp32": round(peak["float32"], 1)}
     wrap = len(template.hints_open) + len(template.hints_close)
     for name, reranker, hint_tokens in [("zeroshot", zeroshot, lambda q: 0),
-                                        ("qpeft-a", qpeft_a, lambda q: wrap + len(tokens[q]))]:
+                                        ("qpeft-a", qpeft_a, lambda q: wrap + len(tokens.queries[q]))]:
         qpeft.rerank(llm, template, {name: reranker}, dict(list(candidates.items())[:1]), tokens, 4096, "warm-up")
-        _, seconds = timed(lambda: qpeft.rerank(llm, template, {name: reranker}, candidates, tokens, 4096, f"score {name}"))
+        (ours, _), seconds = timed(lambda: qpeft.rerank(llm, template, {name: reranker}, candidates, tokens, 4096,
+                                                        f"score {name}"))
         n_tokens, flops = scoring_flops(hint_tokens)
         rows.append((f"score {name}", n_pairs / seconds, n_tokens / seconds, flops / seconds / 1e9))
         if name == "zeroshot":
+            zeroshot_scores = ours[name]
             figures.update(score_pairs_per_s=round(n_pairs / seconds, 2),
                            score_frac_peak=round(flops / seconds / 1e9 / peak[args.dtype], 3))
 
@@ -105,8 +110,9 @@ def main():
                 loss = qpeft.batch_loss(llm, template, reranker, batch, tokens, margin=0.0)
             else:
                 pairs_ = qpeft.batch_pairs(batch)
-                scores = qpeft.score_pairs_uncached(llm, template, reranker, [tokens[batch[i].qid] for i, _, _ in pairs_],
-                                                    [tokens[d] for _, d, _ in pairs_])
+                scores = qpeft.score_pairs_uncached(llm, template, reranker,
+                                                    [tokens.queries[batch[i].qid] for i, _, _ in pairs_],
+                                                    [tokens.passages[d] for _, d, _ in pairs_])
                 loss = qpeft.ranking_loss(scores, pairs_, margin=0.0)
             loss.backward()
             optimizer.step()
@@ -118,13 +124,13 @@ def main():
         trained_pairs = sum(step(b) for b in batches)
         seconds = time.perf_counter() - start
         # FLOPs of the fast path's work (the naive path does more, all of it counted as waste)
-        passages = sum(len(template.prefix(tokens[d])) for b in batches
+        passages = sum(len(template.prefix(tokens.passages[d])) for b in batches
                        for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b})
-        per_pair = [(len(tokens[b[i].qid]), wrap + len(template.question) + 2 * len(tokens[b[i].qid]) + 1)
+        per_pair = [(len(tokens.queries[b[i].qid]), wrap + len(template.question) + 2 * len(tokens.queries[b[i].qid]) + 1)
                     for b in batches for i, _, _ in qpeft.batch_pairs(b)]
         targets = sum(t + 1 for t, _ in per_pair)
         suffix = sum(s for _, s in per_pair)
-        flops = 2 * dense * passages + 4 * dense * suffix + 6 * cfg.dim * cfg.vocab_size * targets
+        flops = 2 * dense * passages + 4 * dense * suffix + 4 * cfg.dim * cfg.vocab_size * targets
         train[path] = trained_pairs / seconds
         rows.append((f"train qpeft-a ({path})", trained_pairs / seconds, (passages + suffix) / seconds, flops / seconds / 1e9))
         if path == "fast":
@@ -138,23 +144,28 @@ def main():
         transformers = None
     if transformers is not None:
         hf = transformers.LlamaForCausalLM.from_pretrained(find_asset(args.model, "models"), dtype=dtype).eval()
-        lengths = [len(template.prefix(tokens[d])) for _, d in pairs]
-        batches = data.token_budget_batches(lengths, 4096)
+        lengths = [len(template.prefix(tokens.passages[d])) for _, d in pairs]
+        batches = data.token_budget_batches(lengths, 4096)  # the same passage batches as ours (one pair each)
 
-        def hf_scores():
+        def hf_scores():  # what a transformers user writes: full sequences, full logits, log_softmax
+            scores = {}
             with torch.no_grad():
                 for batch in batches:
-                    seqs = [template.prefix(tokens[pairs[i][1]]) + template.question + tokens[pairs[i][0]] + [template.eos]
-                            for i in batch]
+                    queries = [tokens.queries[pairs[i][0]] for i in batch]
+                    seqs = [template.prefix(tokens.passages[pairs[i][1]]) + template.question + q + [template.eos]
+                            for i, q in zip(batch, queries)]
                     ids, mask = qpeft.pad_ids(seqs, "cpu")
                     logprobs = torch.log_softmax(hf(input_ids=ids, attention_mask=mask.long()).logits.float(), -1)
-                    del logprobs
+                    for row, (i, seq, q) in enumerate(zip(batch, seqs, queries)):
+                        at = torch.arange(len(seq) - len(q) - 2, len(seq) - 1)       # positions predicting q + eos
+                        scores[pairs[i]] = logprobs[row, at, torch.tensor(seq)[at + 1]].mean().item()
+            return scores
 
         hf_scores()
-        _, seconds = timed(hf_scores)
-        ours = figures["score_pairs_per_s"]
+        theirs, seconds = timed(hf_scores)
         rows.append(("score zeroshot (transformers)", n_pairs / seconds, float("nan"), float("nan")))
-        figures["hf_ratio"] = round(ours / (n_pairs / seconds), 2)
+        figures["hf_ratio"] = round(figures["score_pairs_per_s"] / (n_pairs / seconds), 2)
+        figures["hf_max_abs_score_diff"] = round(max(abs(theirs[q, d] - zeroshot_scores[q][d]) for q, d in pairs), 4)
 
     print(f"\n{n_pairs} test pairs ({args.queries} queries x {args.depth}), {args.dtype}, "
           f"{dense / 1e6:.1f}M dense parameters; % of the {args.dtype} matmul peak")
@@ -162,7 +173,8 @@ def main():
     for name, pairs_s, tokens_s, gflops in rows:
         print(f"{name:34}{pairs_s:9.2f}{tokens_s:10.0f}{gflops:9.1f}{100 * gflops / peak[args.dtype]:7.1f}%")
     print(f"training: fast path {figures['train_speedup_vs_naive']:.2f}x the naive path's pairs/s"
-          + (f"; zero-shot scoring {figures['hf_ratio']:.2f}x transformers" if "hf_ratio" in figures else
+          + (f"; zero-shot scoring {figures['hf_ratio']:.2f}x transformers (scores agree within "
+             f"{figures['hf_max_abs_score_diff']})" if "hf_ratio" in figures else
              "; transformers not installed (pip install transformers to compare)"))
     print(json.dumps(figures))
 
