@@ -98,7 +98,7 @@ def ranked(scores):
     """{docid: score} in trec_eval's order: score descending, ties by docid descending (as strings).
     Runs are read by score, not by their rank column, so that the candidates we rerank and the
     BM25 baseline we report are the lists trec_eval sees (the two differ only on tied scores)."""
-    return dict(sorted(scores.items(), key=lambda item: (item[1], item[0]), reverse=True))
+    return dict(sorted(scores.items(), key=lambda item: (np.float32(item[1]), item[0]), reverse=True))
 
 
 @dataclass

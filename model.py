@@ -71,10 +71,16 @@ class LlamaConfig:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if c.get("model_type") != "llama":
             raise ValueError(f"{path}: model_type {c.get('model_type')!r} is not supported (only 'llama')")
-        scaling = c.get("rope_scaling")
+        # transformers 5 writes RoPE settings as "rope_parameters" {"rope_theta", "rope_type", ...};
+        # older configs (and the Hub's) as top-level "rope_theta" + "rope_scaling". Read both.
+        rope = c.get("rope_parameters") or {}
+        theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
             raise ValueError(f"{path}: rope_scaling type {scaling.get('rope_type', scaling.get('type'))!r} "
                              f"is not supported (only null or 'llama3')")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act {c['hidden_act']!r} is not supported (only 'silu', SwiGLU)")
         for flag in ("attention_bias", "mlp_bias"):
             if c.get(flag):
                 raise ValueError(f"{path}: {flag}=true is not supported")
@@ -83,7 +89,7 @@ class LlamaConfig:
                    n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                    hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
-                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
+                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta,
                    rope_scaling=scaling, tie_embeddings=c.get("tie_word_embeddings", False),
                    bos_id=c.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos)
 

@@ -167,8 +167,8 @@ def select_top_k(reranker, llm, query_ids, passage_ids, k):
     "Passage", ":" ..., a deviation on purpose), and a passage with fewer than k distinct tokens
     gives a shorter H (no random resampling as in the official code)."""
     dev = llm.tok_embeddings.weight.device
-    q = F.normalize(reranker.embed_hint_ids(llm, torch.tensor(query_ids, device=dev)), dim=-1)   # (Lq, D)
-    p = F.normalize(llm.tok_embeddings(torch.tensor(passage_ids, device=dev)).float(), dim=-1)   # (Ld, D)
+    q = F.normalize(reranker.embed_hint_ids(llm, torch.tensor(query_ids, dtype=torch.long, device=dev)), dim=-1)  # (Lq, D)
+    p = F.normalize(llm.tok_embeddings(torch.tensor(passage_ids, dtype=torch.long, device=dev)).float(), dim=-1)  # (Ld, D)
     best = (q @ p.T).max(dim=0).values                                          # (Ld,) best query match per position
     order = torch.sort(best, descending=True, stable=True).indices.tolist()     # stable: earlier position first
     chosen = []
@@ -271,9 +271,11 @@ def batch_pairs(batch):
     positive, the other queries' positives (in-batch negatives) and its own BM25 hard negative."""
     pairs = []
     for i, e in enumerate(batch):
+        # distinct negatives: a hard negative may be another query's positive, and must count once
+        negatives = dict.fromkeys([o.positive_docid for o in batch] + [e.hard_negative_docid])
+        negatives.pop(e.positive_docid)
         pairs.append((i, e.positive_docid, True))
-        pairs += [(i, o.positive_docid, False) for o in batch if o.positive_docid != e.positive_docid]
-        pairs.append((i, e.hard_negative_docid, False))
+        pairs += [(i, d, False) for d in negatives]
     return pairs
 
 
@@ -605,6 +607,9 @@ def main(argv=None):
         if method != "zeroshot":
             if reranker is None:
                 reranker = load_module(module_file, llm, template_for)
+                if reranker.cfg != cfg:  # its prompt, cut or shape would not match this run's
+                    raise SystemExit(f"qpeft.py: error: {module_file} was trained with other settings "
+                                     f"({asdict(reranker.cfg)}); rerun with the same flags or without --resume")
                 log(f"{method}: reusing trained module {module_file} (training flags such as --steps are ignored)")
             else:
                 log(f"{method}: {reranker.trainable_parameters():,} trainable parameters (fp32)")

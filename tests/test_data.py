@@ -206,3 +206,9 @@ def test_tokenize_texts_keeps_the_start():
     out = tokenize_texts(CharTokenizer(), {"a": "Title. Body text", "b": "hi"}, max_tokens=6)
     assert out == {"a": [ord(c) for c in "Title."], "b": [ord("h"), ord("i")]}
     assert tokenize_texts(CharTokenizer(), {"a": "abc"}) == {"a": [97, 98, 99]}
+
+
+def test_ranked_compares_scores_as_float32_like_trec_eval():
+    # 1.0000000003 and 1.0000000001 are the same float32: a tie, so docid descending decides ("b" > "a"),
+    # although in float64 "a" scores higher.
+    assert list(ranked({"a": 1.0000000003, "b": 1.0000000001, "c": 2.0})) == ["c", "b", "a"]

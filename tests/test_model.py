@@ -143,3 +143,19 @@ def test_tokenizer_larger_than_embedding_table(tmp_path):
     shutil.copy(smollm2_dir() / "tokenizer.json", folder)             # 49,152 ids vs 1,000 rows
     with pytest.raises(ValueError, match="embedding table 'model.embed_tokens.weight' has only 1000 rows"):
         load(folder)
+
+
+def test_transformers5_rope_parameters_read_like_rope_scaling(tmp_path):
+    """transformers 5 saves RoPE settings as one "rope_parameters" dict: same frequencies either way."""
+    config = json.loads((TINY_LLAMA3 / "config.json").read_text())
+    rope = {"rope_theta": config.pop("rope_theta"), **config.pop("rope_scaling")}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    new, old = LlamaConfig.from_json(tmp_path / "config.json"), LlamaConfig.from_json(TINY_LLAMA3 / "config.json")
+    assert new.rope_theta == old.rope_theta == 500000.0
+    assert torch.equal(rope_frequencies(new), rope_frequencies(old))
+
+
+def test_non_silu_activation_is_refused(tiny_copy):
+    edit_config(tiny_copy, hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
+        Transformer.from_pretrained(tiny_copy)

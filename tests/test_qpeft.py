@@ -240,6 +240,15 @@ def test_batch_loss_by_hand(monkeypatch):
     assert grad == pytest.approx(expected, abs=1e-6)
 
 
+def test_batch_pairs_counts_each_negative_once():
+    # q1's hard negative is q2's positive B, and q3 shares q1's positive A: B must be one negative of
+    # q1, not two, and A is a positive of q3 (never its own negative) and not a negative of q1 either.
+    batch = [TrainExample("q1", "A", "B"), TrainExample("q2", "B", "b"), TrainExample("q3", "A", "c")]
+    assert qpeft.batch_pairs(batch) == [(0, "A", True), (0, "B", False),
+                                        (1, "B", True), (1, "A", False), (1, "b", False),
+                                        (2, "A", True), (2, "B", False), (2, "c", False)]
+
+
 def test_batch_loss_uses_the_right_prefix_rows(tiny):
     """The real batch_loss on the tiny model equals the formula on naively computed scores: the
     passages' cached rows are matched to the right pairs."""
@@ -470,6 +479,9 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     qpeft.main(args + ["--out", str(out), "--resume", "--steps", "6"])
     assert "qpeft-a: reusing trained module" in (out / "log.txt").read_text()
     assert json.loads((out / "metrics.json").read_text())["qpeft-a"]["training"]["steps"] == 4
+    # ... but not under other module settings: its passages would be cut differently than in training
+    with pytest.raises(SystemExit, match="trained with other settings"):
+        qpeft.main(args + ["--out", str(out), "--resume", "--max-passage-tokens", "8"])
 
 
 def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
