@@ -136,23 +136,24 @@ class Reranker(nn.Module):
     def hint_block(self, llm, template, queries, passages):
         """H for each pair: a list of (h_i, D) float32 tensors. queries/passages: lists of id lists."""
         dev = llm.tok_embeddings.weight.device
-        wrap_open = torch.tensor(template.hints_open, device=dev)
-        wrap_close = torch.tensor(template.hints_close, device=dev)
         if self.cfg.method == "qpeft-r":
-            middles = [self.embed_hint_ids(llm, torch.tensor(select_top_k(self, llm, q, p, self.cfg.top_k), dtype=torch.long, device=dev))
-                       for q, p in zip(queries, passages)]
+            # One E' lookup for all pairs: the backward of every lookup writes a dense (V, D) gradient.
+            rows = [template.hints_open + select_top_k(self, llm, q, p, self.cfg.top_k) + template.hints_close
+                    for q, p in zip(queries, passages)]
+            x = self.embed_hint_ids(llm, torch.tensor([i for r in rows for i in r], device=dev))   # (sum h_i, D)
+            lengths = [len(r) for r in rows]
         else:  # keys/values: the passage's tokens only (the official code used its whole template row)
-            q_ids, q_mask = pad_ids(queries, dev)                                   # (N, Lq)
+            q_ids, _ = pad_ids(queries, dev)                                        # (N, Lq)
             p_ids, p_mask = pad_ids(passages, dev)                                  # (N, Ld)
-            attended, _ = self.attention(self.embed_hint_ids(llm, q_ids),           # (N, Lq, D)
-                                         llm.tok_embeddings(p_ids).float(),
-                                         llm.tok_embeddings(p_ids).float(),
+            keys = llm.tok_embeddings(p_ids).float()                                # (N, Ld, D) frozen E
+            attended, _ = self.attention(self.embed_hint_ids(llm, q_ids), keys, keys,   # (N, Lq, D)
                                          key_padding_mask=~p_mask, need_weights=False)
-            middles = [attended[i, :len(q)] for i, q in enumerate(queries)]       # one vector per query token
-        opening, closing = self.embed_hint_ids(llm, wrap_open), self.embed_hint_ids(llm, wrap_close)
-        blocks = [torch.cat([opening, middle, closing]) for middle in middles]      # each (h_i, D)
-        lengths = [len(b) for b in blocks]
-        x = torch.cat(blocks)                                                       # (sum h_i, D)
+            opening = self.embed_hint_ids(llm, torch.tensor(template.hints_open, device=dev))
+            closing = self.embed_hint_ids(llm, torch.tensor(template.hints_close, device=dev))
+            # one vector per real query token, between E'("hints: ") and E'("\n")
+            blocks = [torch.cat([opening, attended[i, :len(q)], closing]) for i, q in enumerate(queries)]
+            lengths = [len(b) for b in blocks]
+            x = torch.cat(blocks)                                                   # (sum h_i, D)
         h = x + self.mlp(x) if self.cfg.residual_mlp else self.mlp(x)
         return list(h.split(lengths))
 
