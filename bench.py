@@ -126,10 +126,9 @@ def main():
         # FLOPs of the fast path's work (the naive path does more, all of it counted as waste)
         passages = sum(len(template.prefix(tokens.passages[d])) for b in batches
                        for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b})
-        per_pair = [(len(tokens.queries[b[i].qid]), wrap + len(template.question) + 2 * len(tokens.queries[b[i].qid]) + 1)
-                    for b in batches for i, _, _ in qpeft.batch_pairs(b)]
-        targets = sum(t + 1 for t, _ in per_pair)
-        suffix = sum(s for _, s in per_pair)
+        query_lengths = [len(tokens.queries[b[i].qid]) for b in batches for i, _, _ in qpeft.batch_pairs(b)]
+        targets = sum(n + 1 for n in query_lengths)                                  # query tokens + eos
+        suffix = sum(wrap + len(template.question) + 2 * n + 1 for n in query_lengths)  # H holds n vectors too
         flops = 2 * dense * passages + 4 * dense * suffix + 4 * cfg.dim * cfg.vocab_size * targets
         train[path] = trained_pairs / seconds
         rows.append((f"train qpeft-a ({path})", trained_pairs / seconds, (passages + suffix) / seconds, flops / seconds / 1e9))

@@ -168,8 +168,10 @@ def select_top_k(reranker, llm, query_ids, passage_ids, k):
     "Passage", ":" ..., a deviation on purpose), and a passage with fewer than k distinct tokens
     gives a shorter H (no random resampling as in the official code)."""
     dev = llm.tok_embeddings.weight.device
-    q = F.normalize(reranker.embed_hint_ids(llm, torch.tensor(query_ids, dtype=torch.long, device=dev)), dim=-1)  # (Lq, D)
-    p = F.normalize(llm.tok_embeddings(torch.tensor(passage_ids, dtype=torch.long, device=dev)).float(), dim=-1)  # (Ld, D)
+    q_ids = torch.tensor(query_ids, dtype=torch.long, device=dev)                # long even when empty
+    p_ids = torch.tensor(passage_ids, dtype=torch.long, device=dev)
+    q = F.normalize(reranker.embed_hint_ids(llm, q_ids), dim=-1)                 # (Lq, D)
+    p = F.normalize(llm.tok_embeddings(p_ids).float(), dim=-1)                  # (Ld, D)
     best = (q @ p.T).max(dim=0).values                                          # (Ld,) best query match per position
     order = torch.sort(best, descending=True, stable=True).indices.tolist()     # stable: earlier position first
     chosen = []
