@@ -1,7 +1,7 @@
 """A decoder-only Llama in plain PyTorch, loaded straight from Hugging Face safetensors.
 
-RMSNorm, rotate-half RoPE (with the llama3 frequency rule), grouped-query attention through
-F.scaled_dot_product_attention, SwiGLU MLP. Enough to run SmolLM2, TinyLlama and Llama-2/3
+RMSNorm, rotate-half RoPE (with the llama3 frequency rule), grouped-query attention (written
+out: faster than SDPA on CPU, see `attend`), SwiGLU MLP. Enough to run SmolLM2, TinyLlama and Llama-2/3
 checkpoints (model_type "llama") for scoring; no generation tricks, no training of the LLM.
 
 Two ways in:
@@ -15,6 +15,7 @@ RoPE so q_proj/k_proj load without permutation); the structure borrows from nano
 The tokenizer part (bottom of the file) implements GPT-2's byte-level BPE and wraps sentencepiece.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -138,7 +139,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, past_kv):
+    def forward(self, x, cos, sin, bias, past_kv):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -146,12 +147,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
         if past_kv is not None:  # attend to an earlier prefix's keys/values first
-            k = torch.cat([past_kv[0], k], dim=2)                                 # (B, Hkv, S+T, hd)
+            k = torch.cat([past_kv[0], k], dim=2)                                 # (B, Hkv, S, hd), S = S_past + T
             v = torch.cat([past_kv[1], v], dim=2)
-        # enable_gqa lets each KV head serve its group of query heads without copying it.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
+        y = attend(q, k, v, bias)                                                   # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), new_kv
+
+
+def attend(q, k, v, bias):
+    """Softmax attention of q (B, H, T, hd) over k, v (B, Hkv, S, hd), with an additive bias
+    (B or 1, 1, 1, T, S) of 0 (may attend) and -inf (may not).
+
+    Grouped-query attention without copying keys: query head h reads KV head h // G, so the G
+    query heads of a group are stacked along the row axis and one batched matmul serves them all.
+    Written out rather than F.scaled_dot_product_attention: on a 2-core CPU in bf16 this ran
+    2.2x faster than SDPA's flash kernel at our shapes (B=30, H=9, T=S=133: 6.7 ms vs 15 ms).
+    The softmax is computed in fp32 inside torch.softmax and its output rounded to q's dtype.
+    """
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    q = (q * hd ** -0.5).reshape(B, Hkv, G * T, hd)                              # (B, Hkv, G*T, hd)
+    scores = (q @ k.transpose(-1, -2)).view(B, Hkv, G, T, S) + bias              # (B, Hkv, G, T, S)
+    weights = torch.softmax(scores, dim=-1).view(B, Hkv, G * T, S)
+    return (weights @ v).view(B, H, T, hd)                                       # (B, H, T, hd)
 
 
 class MLP(nn.Module):  # SwiGLU
@@ -173,8 +191,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past_kv):
-        a, kv = self.attention(self.attention_norm(x), cos, sin, mask, past_kv)
+    def forward(self, x, cos, sin, bias, past_kv):
+        a, kv = self.attention(self.attention_norm(x), cos, sin, bias, past_kv)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -239,15 +257,16 @@ class Transformer(nn.Module):
         freqs = positions[..., None].float() * self.inv_freq                        # (B, T, hd/2)
         angles = torch.cat([freqs, freqs], dim=-1)[:, None]                          # (B, 1, T, hd)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        mask = None
+        T = x.shape[1]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]   # (1, T, T) causal
         if past is not None:
-            T = x.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = torch.cat([past_mask[:, None, None, :].expand(-1, 1, T, -1),
-                              causal.expand(x.shape[0], 1, T, T)], dim=-1)           # (B, 1, T, S+T)
+            allowed = torch.cat([past_mask[:, None, :].expand(-1, T, -1),
+                                 allowed.expand(x.shape[0], -1, -1)], dim=-1)       # (B, T, S_past + T)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        bias = bias[:, None, None]                                                   # (B or 1, 1, 1, T, S)
         kvs = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, None if past is None else past[i])
+            x, kv = layer(x, cos, sin, bias, None if past is None else past[i])
             kvs.append(kv)
         return self.norm(x), kvs
 
@@ -299,8 +318,27 @@ class Transformer(nn.Module):
         return model.eval().requires_grad_(False)
 
 
+def reuse_freed_memory():
+    """Make glibc keep freed blocks of up to 32 MB for reuse instead of handing them back to the OS.
+
+    By default glibc maps every large tensor afresh and unmaps it when freed, so the first write to
+    each 4 KB page of every new activation traps into the kernel. On the 2-core CPU that made the
+    elementwise ops after a matmul 3-5x slower (SwiGLU's silu(gate) * up on (50, 81, 1536) bf16:
+    9.7 ms -> 2.2 ms) and a whole bf16 block forward 86 ms -> 55 ms. Process-wide, and a no-op on
+    a libc without mallopt (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3           # from glibc's malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)               # blocks below 32 MB (glibc's maximum) from the heap
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)                # and keep up to 1 GB of freed heap mapped
+
+
 def load(name_or_path, dtype=torch.float32, device="cpu"):
-    """The frozen LLM and its tokenizer; checks that every token id has an embedding row."""
+    """The frozen LLM and its tokenizer; checks that every token id has an embedding row.
+    Also calls reuse_freed_memory(), since everything that loads the LLM then runs it."""
+    reuse_freed_memory()
     path = find_asset(name_or_path, "models")
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_pretrained(path)
