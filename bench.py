@@ -8,10 +8,12 @@
 Timings on shared machines are noisy: compare the ratios within one run, not across runs.
 The last line is one JSON object with the headline figures.
 
-FLOP accounting: 2 x (frozen LLM parameters outside the embedding table) per token forward, plus
-2 x dim x vocab per position where logits are computed; a training step's backward through the
-frozen LLM adds 2 x parameters per token (input gradients only, no weight gradients). Attention
-score FLOPs are not counted, so the fractions of peak are slight underestimates.
+FLOP accounting (useful work only: padding is not counted): 2 x (frozen LLM parameters outside
+the embedding table) per token forward, plus 4 x heads x head_dim per layer for each (query, key)
+pair that causal attention computes (scores and weighted values), plus 2 x dim x vocab per
+position where logits are computed; a training step's backward through the frozen LLM doubles the
+work of the tokens after the passage (input gradients only, no weight gradients).
+Every timing is the best of `--repeats` runs, like the matmul peak it is compared with.
 """
 import argparse
 import json
@@ -37,10 +39,14 @@ def matmul_peak(dtype, n=2048, repeats=10):
     return 2 * n ** 3 * repeats / best / 1e9
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+def timed(fn, repeats):
+    """fn's result and its best wall time over `repeats` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
 
 
 def main():
@@ -50,6 +56,7 @@ def main():
     p.add_argument("--queries", type=int, default=8, help="test queries to score")
     p.add_argument("--depth", type=int, default=20, help="candidates per query")
     p.add_argument("--train-steps", type=int, default=4, help="training steps timed per path")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement; the best counts")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -78,11 +85,20 @@ def main():
     zeroshot = qpeft.Reranker(qpeft.QPEFTConfig(method="zeroshot"), llm, template)
     qpeft_a = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).eval()
 
+    def attention_flops(start, length):
+        """Scores and weighted values of `length` tokens at positions start.. (causal: key count = position + 1)."""
+        key_pairs = (start + 1 + start + length) * length // 2
+        return 4 * cfg.n_heads * cfg.head_dim * cfg.n_layers * key_pairs
+
     def scoring_flops(hint_tokens):
-        prefix = sum(len(template.prefix(tokens.passages[d])) for d in {d for _, d in pairs})  # once per passage
+        prefixes = [len(template.prefix(tokens.passages[d])) for d in {d for _, d in pairs}]  # once per passage
         targets = sum(len(tokens.queries[q]) + 1 for q, _ in pairs)
-        suffix = sum(len(template.question) + hint_tokens(q) for q, _ in pairs) + targets
-        return prefix + suffix, 2 * dense * (prefix + suffix) + 2 * cfg.dim * cfg.vocab_size * targets
+        suffixes = [(len(template.prefix(tokens.passages[d])), len(template.question) + hint_tokens(q)
+                     + len(tokens.queries[q]) + 1) for q, d in pairs]
+        n_tokens = sum(prefixes) + sum(n for _, n in suffixes)
+        flops = (2 * dense * n_tokens + 2 * cfg.dim * cfg.vocab_size * targets
+                 + sum(attention_flops(0, n) for n in prefixes) + sum(attention_flops(s, n) for s, n in suffixes))
+        return n_tokens, flops
 
     rows, figures = [], {"peak_gflops_bf16": round(peak["bfloat16"], 1), "peak_gflops_fp32": round(peak["float32"], 1)}
     wrap = len(template.hints_open) + len(template.hints_close)
@@ -90,7 +106,7 @@ def main():
                                         ("qpeft-a", qpeft_a, lambda q: wrap + len(tokens.queries[q]))]:
         qpeft.rerank(llm, template, {name: reranker}, dict(list(candidates.items())[:1]), tokens, 4096, "warm-up")
         (ours, _), seconds = timed(lambda: qpeft.rerank(llm, template, {name: reranker}, candidates, tokens, 4096,
-                                                        f"score {name}"))
+                                                        f"score {name}"), args.repeats)
         n_tokens, flops = scoring_flops(hint_tokens)
         rows.append((f"score {name}", n_pairs / seconds, n_tokens / seconds, flops / seconds / 1e9))
         if name == "zeroshot":
@@ -124,12 +140,15 @@ def main():
         trained_pairs = sum(step(b) for b in batches)
         seconds = time.perf_counter() - start
         # FLOPs of the fast path's work (the naive path does more, all of it counted as waste)
-        passages = sum(len(template.prefix(tokens.passages[d])) for b in batches
-                       for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b})
-        query_lengths = [len(tokens.queries[b[i].qid]) for b in batches for i, _, _ in qpeft.batch_pairs(b)]
-        targets = sum(n + 1 for n in query_lengths)                                  # query tokens + eos
-        suffix = sum(wrap + len(template.question) + 2 * n + 1 for n in query_lengths)  # H holds n vectors too
-        flops = 2 * dense * passages + 4 * dense * suffix + 4 * cfg.dim * cfg.vocab_size * targets
+        prefix_len = {d: len(template.prefix(tokens.passages[d])) for d in tokens.passages}
+        prefixes = [prefix_len[d] for b in batches for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b}]
+        pairs_ = [(len(tokens.queries[b[i].qid]), prefix_len[d]) for b in batches for i, d, _ in qpeft.batch_pairs(b)]
+        targets = sum(n + 1 for n, _ in pairs_)                                       # query tokens + eos
+        suffixes = [(s, wrap + len(template.question) + 2 * n + 1) for n, s in pairs_]  # H holds n vectors too
+        passages, suffix = sum(prefixes), sum(n for _, n in suffixes)
+        flops = (2 * dense * passages + sum(attention_flops(0, n) for n in prefixes)       # forward only
+                 + 2 * (2 * dense * suffix + sum(attention_flops(s, n) for s, n in suffixes))  # forward + backward
+                 + 4 * cfg.dim * cfg.vocab_size * targets)
         train[path] = trained_pairs / seconds
         rows.append((f"train qpeft-a ({path})", trained_pairs / seconds, (passages + suffix) / seconds, flops / seconds / 1e9))
         if path == "fast":
@@ -161,7 +180,7 @@ def main():
             return scores
 
         hf_scores()
-        theirs, seconds = timed(hf_scores)
+        theirs, seconds = timed(hf_scores, args.repeats)
         rows.append(("score zeroshot (transformers)", n_pairs / seconds, float("nan"), float("nan")))
         figures["hf_ratio"] = round(figures["score_pairs_per_s"] / (n_pairs / seconds), 2)
         figures["hf_max_abs_score_diff"] = round(max(abs(theirs[q, d] - zeroshot_scores[q][d]) for q, d in pairs), 4)

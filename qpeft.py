@@ -234,10 +234,20 @@ def score_pairs(llm, template, reranker, prefix, rows, queries, passages):
     pair = torch.cat([torch.full((len(t),), i, device=dev) for i, t in enumerate(targets)])
     where = torch.cat([torch.arange(len(t), device=dev) + s - 1 for t, s in zip(targets, first_target)])
     target = torch.tensor([tok for t in targets for tok in t], device=dev)
-    logits = llm.logits(h[pair, where])                                         # (M, V) float32
-    logprob = logits.gather(1, target[:, None])[:, 0] - logits.logsumexp(-1)    # (M,)
+    logprob = target_logprobs(llm, h[pair, where], target)                      # (M,)
     sums = torch.zeros(len(targets), device=dev).index_add(0, pair, logprob)
     return sums / torch.tensor([len(t) for t in targets], device=dev)
+
+
+def target_logprobs(llm, h, target, rows=128):
+    """log p(target[i] | h[i]) for hidden states h (M, D): float32 logits and logsumexp, 128 rows
+    at a time, so that each (rows, vocab) float32 block (25 MB for SmolLM2) is reused from the heap
+    and stays in cache; all M rows at once took 80 ms against 45 ms for M = 372 on the 2-core CPU."""
+    out = []
+    for start in range(0, len(h), rows):
+        logits = llm.logits(h[start:start + rows])                              # (rows, V) float32
+        out.append(logits.gather(1, target[start:start + rows, None])[:, 0] - logits.logsumexp(-1))
+    return torch.cat(out)                                                       # (M,)
 
 
 def score_pairs_uncached(llm, template, reranker, queries, passages):
