@@ -518,6 +518,8 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="LLM compute dtype")
     p.add_argument("--token-budget", type=int, default=4096, help="prompt tokens per scoring batch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks for reranking "
+                   "(~13%% faster scoring on a 2-core CPU; the ~15 s of compiling counts in pairs/s; needs a C++ compiler)")
     p.add_argument("--train-queries", type=int, default=0, help="use only the first N train queries (0 = all)")
     for f in fields(QPEFTConfig):
         if f.name != "method":
@@ -638,6 +640,8 @@ def main(argv=None):
                 (out / f"{method}.resume.pt").unlink(missing_ok=True)
         rerankers[method] = reranker
 
+    if args.compile:  # after training: compiling the backward graphs took longer than it saved
+        llm.compile_blocks()
     scores, timing = rerank(llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {args.split}")
     qrels, level = dataset.qrels[args.split], dataset.relevance_level(args.split)
     runs = {"bm25": first_stage, **{m: with_tail(scores[m], first_stage) for m in rerankers}}

@@ -50,6 +50,23 @@ def test_cached_prefix_equals_one_pass():
     assert (suffix - full[:, 7:]).abs().max() <= 1e-5
 
 
+def test_compiled_blocks_match_eager_on_the_fixture():
+    """`--compile`: the same logits (fp32, inductor's fused loops) on both passes of the fast path.
+    Slow-ish (inductor compiles C++: ~20 s on 2 cores), but it is what keeps the flag from rotting."""
+    model = Transformer.from_pretrained(TINY)
+    ref = load_file(TINY.parent / f"{TINY.name}_ref.safetensors")
+    real = ref["attention_mask"].bool()
+    ids = ref["input_ids"]                                               # (B, T)
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    x = model.tok_embeddings(ids)
+    _, past = model.hidden(x[:, :5], positions[:, :5])
+    eager, _ = model.hidden(x[:, 5:], positions[:, 5:], past=past, past_mask=real[:, :5])
+    model.compile_blocks()
+    assert (model(ids) - ref["logits"])[real].abs().max() <= 1e-4     # the one-pass graph
+    compiled, _ = model.hidden(x[:, 5:], positions[:, 5:], past=past, past_mask=real[:, :5])  # the cached-prefix graph
+    assert (compiled - eager)[real[:, 5:]].abs().max() <= 1e-5
+
+
 def test_smollm2_fp32_matches_transformers_and_bf16_agrees_on_argmax():
     folder = smollm2_dir()
     ref = load_file(FIXTURES / "llama" / "smollm2_ref.safetensors")
