@@ -274,8 +274,8 @@ class Transformer(nn.Module):
         """torch.compile every block for inference, with dynamic shapes so that one graph serves all
         batch sizes and lengths (and all 30 blocks: same code, weights passed as inputs). Inductor
         fuses the elementwise work around the matmuls (RMSNorm, RoPE, mask + softmax, SwiGLU,
-        residuals) into a few C++ loops: zero-shot scoring 13 % faster on the 2-core CPU in bf16,
-        after about 15 s of compiling. Needs a C++ compiler at run time; off unless asked for."""
+        residuals) into a few C++ loops: zero-shot scoring 4-13 % faster on the 2-core CPU in bf16
+        (two runs), after about 15 s of compiling. Needs a C++ compiler at run time; off unless asked for."""
         for layer in self.layers:
             layer.compile(dynamic=True)
         return self
