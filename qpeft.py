@@ -206,7 +206,7 @@ def encode_prefixes(llm, template, reranker, passages):
         soft = reranker.soft_prompt.to(x.dtype).expand(len(passages), -1, -1)         # (Np, P, D)
         x = torch.cat([x[:, :b], soft, x[:, b + P:]], dim=1)                        # (Np, S, D)
     positions = torch.arange(ids.shape[1], device=dev).expand(len(passages), -1)
-    _, past = llm.hidden(x, positions)
+    _, past = llm.hidden(x, positions, mask)
     return past, mask, mask.sum(1)
 
 
@@ -227,9 +227,10 @@ def score_pairs(llm, template, reranker, prefix, rows, queries, passages):
         first_target.append(sum(len(x) for x in pieces) - len(q) - 1)            # index of the first query token
         targets.append(q + [template.eos])
     x = nn.utils.rnn.pad_sequence(suffixes, batch_first=True)                   # (N, T, D)
+    mask = torch.arange(x.shape[1], device=dev) < torch.tensor([len(s) for s in suffixes], device=dev)[:, None]
     positions = past_len[rows, None] + torch.arange(x.shape[1], device=dev)     # (N, T): continue after the prefix
     past_rows = [(k[rows], v[rows]) for k, v in past]
-    h, _ = llm.hidden(x, positions, past_rows, past_mask[rows])                 # (N, T, D)
+    h, _ = llm.hidden(x, positions, mask, past_rows, past_mask[rows])           # (N, T, D)
     # Logits only where a target is predicted: position t predicts token t+1.
     pair = torch.cat([torch.full((len(t),), i, device=dev) for i, t in enumerate(targets)])
     where = torch.cat([torch.arange(len(t), device=dev) + s - 1 for t, s in zip(targets, first_target)])
