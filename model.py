@@ -8,7 +8,8 @@ Two ways in:
   model(ids)                         -> float32 logits (B, T, vocab): the plain API for readers and tests.
   model.hidden(x, positions, ...)    -> final-normed hidden states of embeddings x, optionally attending
                                         to cached keys/values of an earlier prefix (the fast scoring path
-                                        of qpeft.py reuses a passage's keys/values for many queries).
+                                        of qpeft.py reuses a passage's keys/values for many queries);
+                                        with a mask, padding costs no matmul FLOPs (see Packing).
 
 Credits: the layout follows Meta's Llama reference and HF transformers' LlamaForCausalLM (rotate-half
 RoPE so q_proj/k_proj load without permutation); the structure borrows from nanoGPT and gpt-fast.

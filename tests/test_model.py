@@ -24,6 +24,11 @@ def test_tiny_random_logits_match_transformers(folder):
     positions = torch.arange(real.shape[1]).expand(real.shape[0], -1)
     hidden, _ = model.hidden(model.tok_embeddings(ref["input_ids"]), positions)
     assert (hidden - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
+    # With the mask, the pads are left out of the linear layers (model.Packing): the real rows
+    # stay the same, and the pads come out as zeros, in the hidden states and the keys/values.
+    packed, kvs = model.hidden(model.tok_embeddings(ref["input_ids"]), positions, mask=real)
+    assert (packed - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
+    assert packed[~real].abs().max() == 0 and all(k.transpose(1, 2)[~real].abs().max() == 0 for k, _ in kvs)
 
 
 def test_llama3_rope_frequencies_match_transformers():
