@@ -167,6 +167,7 @@ def attend(q, k, v, bias):
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
+    # (B or 1, T, S) -> (B*Hkv or 1, G*T, S): the same mask for every head, repeated for the G stacked heads
     bias = bias[:, None, None].expand(-1, Hkv if len(bias) > 1 else 1, G, -1, -1).reshape(-1, G * T, S)
     scores = torch.baddbmm(bias, q.reshape(B * Hkv, G * T, hd),                  # (B*Hkv, G*T, S)
                            k.reshape(B * Hkv, S, hd).transpose(1, 2), alpha=hd ** -0.5)
@@ -177,7 +178,8 @@ def attend(q, k, v, bias):
 class Packing:
     """The real tokens of a right-padded (B, T) batch. The linear layers, norms and RoPE see only
     these N tokens, packed as (N, ...), so that padding costs no FLOPs (10 % of a length-bucketed
-    bench batch); attention needs the padded (B, heads, T, hd) layout, with zeros at the pads."""
+    bench batch); attention needs the padded (B, heads, T, hd) layout. Pads hold zeros there, not
+    uninitialised memory: a masked key still meets its value in `weights @ v`, and 0 * NaN is NaN."""
 
     def __init__(self, mask):
         self.B, self.T = mask.shape
