@@ -120,7 +120,7 @@ def main():
     train = {}
     for path in ("fast", "naive"):
         reranker = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).train()
-        optimizer = torch.optim.AdamW([p for p in reranker.parameters() if p.requires_grad], lr=3e-2)
+        optimizer = torch.optim.AdamW([p for p in reranker.parameters() if p.requires_grad], lr=3e-2, fused=True)
 
         def step(batch):
             if path == "fast":

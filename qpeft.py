@@ -323,7 +323,9 @@ def train(llm, template, reranker, train_examples, dev_examples, tokens, tc, out
     `resume`, continues from out/{method}.resume.pt (written at every dev check)."""
     method = reranker.cfg.method
     params = [p for p in reranker.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # fused: one kernel over all parameters. E' alone is 28M fp32 values updated every step (its
+    # gradient is dense); the default per-tensor loop took 123 ms a step on 2 cores, fused 15 ms.
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
     dev_batches = data.train_batches(dev_examples, tc.queries_per_batch, seed=0)
 
     def snapshot():
