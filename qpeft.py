@@ -227,7 +227,8 @@ def score_pairs(llm, template, reranker, prefix, rows, queries, passages):
         first_target.append(sum(len(x) for x in pieces) - len(q) - 1)            # index of the first query token
         targets.append(q + [template.eos])
     x = nn.utils.rnn.pad_sequence(suffixes, batch_first=True)                   # (N, T, D)
-    mask = torch.arange(x.shape[1], device=dev) < torch.tensor([len(s) for s in suffixes], device=dev)[:, None]
+    lengths = torch.tensor([len(s) for s in suffixes], device=dev)
+    mask = torch.arange(x.shape[1], device=dev) < lengths[:, None]              # (N, T): real suffix tokens
     positions = past_len[rows, None] + torch.arange(x.shape[1], device=dev)     # (N, T): continue after the prefix
     past_rows = [(k[rows], v[rows]) for k, v in past]
     h, _ = llm.hidden(x, positions, mask, past_rows, past_mask[rows])           # (N, T, D)
