@@ -282,7 +282,7 @@ class Transformer(nn.Module):
         call) the rows also attend to the S cached positions where `past_mask` (B, S) is True.
         Returns (hidden, kv) with kv the keys/values of these T positions (zeros at pads).
         """
-        B, T, D = x.shape
+        B, T = x.shape[:2]
         packing = Packing(torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask)
         x = packing.pack(x)                                                           # (N, D)
         freqs = packing.pack(positions[..., None]).float() * self.inv_freq            # (N, hd/2)
