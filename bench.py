@@ -82,6 +82,7 @@ def main():
         passages=data.tokenize_texts(tokenizer, texts, max_tokens=qpeft.QPEFTConfig().max_passage_tokens),
         queries=data.tokenize_texts(tokenizer, {q: dataset.queries[q] for q in query_ids}))
     pairs = [(q, d) for q, docs in candidates.items() for d in docs]
+    prefix_len = {d: len(template.prefix(ids)) for d, ids in tokens.passages.items()}  # P + passage tokens
     n_pairs = len(pairs)
     zeroshot = qpeft.Reranker(qpeft.QPEFTConfig(method="zeroshot"), llm, template)
     qpeft_a = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).eval()
@@ -92,9 +93,9 @@ def main():
         return 4 * cfg.n_heads * cfg.head_dim * cfg.n_layers * key_pairs
 
     def scoring_flops(hint_tokens):
-        prefixes = [len(template.prefix(tokens.passages[d])) for d in {d for _, d in pairs}]  # once per passage
+        prefixes = [prefix_len[d] for d in {d for _, d in pairs}]                 # once per passage
         targets = sum(len(tokens.queries[q]) + 1 for q, _ in pairs)
-        suffixes = [(len(template.prefix(tokens.passages[d])), len(template.question) + hint_tokens(q)
+        suffixes = [(prefix_len[d], len(template.question) + hint_tokens(q)
                      + len(tokens.queries[q]) + 1) for q, d in pairs]
         n_tokens = sum(prefixes) + sum(n for _, n in suffixes)
         flops = (2 * dense * n_tokens + 2 * cfg.dim * cfg.vocab_size * targets
@@ -141,7 +142,6 @@ def main():
         trained_pairs = sum(step(b) for b in batches)
         seconds = time.perf_counter() - start
         # FLOPs of the fast path's work (the naive path does more, all of it counted as waste)
-        prefix_len = {d: len(template.prefix(tokens.passages[d])) for d in tokens.passages}
         prefixes = [prefix_len[d] for b in batches for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b}]
         pairs_ = [(len(tokens.queries[b[i].qid]), prefix_len[d]) for b in batches for i, d, _ in qpeft.batch_pairs(b)]
         targets = sum(n + 1 for n, _ in pairs_)                                       # query tokens + eos
@@ -163,7 +163,7 @@ def main():
         transformers = None
     if transformers is not None:
         hf = transformers.LlamaForCausalLM.from_pretrained(find_asset(args.model, "models"), dtype=dtype).eval()
-        lengths = [len(template.prefix(tokens.passages[d])) for _, d in pairs]
+        lengths = [prefix_len[d] for _, d in pairs]
         batches = data.token_budget_batches(lengths, 4096)  # the same passage batches as ours (one pair each)
 
         def hf_scores():  # what a transformers user writes: full sequences, full logits, log_softmax

@@ -155,7 +155,8 @@ class Attention(nn.Module):
 
 def attend(q, k, v, bias):
     """Softmax attention of q (B, H, T, hd) over k, v (B, Hkv, S, hd), with an additive bias
-    (B or 1, T, S) of 0 (may attend) and -inf (may not).
+    (B*Hkv or 1, G*T, S) of 0 (may attend) and -inf (may not), G = H // Hkv: one row per stacked
+    query row (see below), laid out by `stacked_bias` once per forward pass.
 
     Grouped-query attention without copying keys: query head h reads KV head h // G, so the G
     query heads of a group are stacked along the row axis and one batched matmul serves them all;
@@ -167,12 +168,20 @@ def attend(q, k, v, bias):
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    # (B or 1, T, S) -> (B*Hkv or 1, G*T, S): the same mask for every head, repeated for the G stacked heads
-    bias = bias[:, None, None].expand(-1, Hkv if len(bias) > 1 else 1, G, -1, -1).reshape(-1, G * T, S)
     scores = torch.baddbmm(bias, q.reshape(B * Hkv, G * T, hd),                  # (B*Hkv, G*T, S)
                            k.reshape(B * Hkv, S, hd).transpose(1, 2), alpha=hd ** -0.5)
     weights = torch.softmax(scores, dim=-1)
     return (weights @ v.reshape(B * Hkv, S, hd)).view(B, H, T, hd)               # (B, H, T, hd)
+
+
+def stacked_bias(allowed, n_heads, n_kv_heads, dtype):
+    """The additive mask `attend` takes: (B or 1, T, S) booleans -> (B*Hkv or 1, G*T, S) of 0 / -inf,
+    the same mask for every KV head, repeated for its G stacked query heads. Built once per forward
+    pass and shared by all layers."""
+    Bm, T, S = allowed.shape
+    G = n_heads // n_kv_heads
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    return bias[:, None, None].expand(-1, n_kv_heads if Bm > 1 else 1, G, -1, -1).reshape(-1, G * T, S)
 
 
 class Packing:
@@ -292,7 +301,7 @@ class Transformer(nn.Module):
         if past is not None:
             allowed = torch.cat([past_mask[:, None, :].expand(-1, T, -1),
                                  allowed.expand(B, -1, -1)], dim=-1)                 # (B, T, S_past + T)
-        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        bias = stacked_bias(allowed, self.cfg.n_heads, self.cfg.n_kv_heads, x.dtype)
         kvs = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, bias, None if past is None else past[i], packing)
@@ -303,8 +312,8 @@ class Transformer(nn.Module):
         """torch.compile every block for inference, with dynamic shapes so that one graph serves all
         batch sizes and lengths (and all 30 blocks: same code, weights passed as inputs). Inductor
         fuses the elementwise work around the matmuls (RMSNorm, RoPE, mask + softmax, SwiGLU,
-        residuals) into a few C++ loops: zero-shot scoring 4-13 % faster on the 2-core CPU in bf16
-        (two runs), after about 15 s of compiling. Needs a C++ compiler at run time; off unless asked for."""
+        residuals) into a few C++ loops: zero-shot scoring ran at 1.04-1.15x eager's pairs/s on the
+        2-core CPU in bf16 in five of six bench runs (0.96x in one), after 15-30 s of compiling. Needs a C++ compiler at run time; off unless asked for."""
         for layer in self.layers:
             layer.compile(dynamic=True)
         return self
