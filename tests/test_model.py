@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES, smollm2_dir
+import model as model_module
 from model import LlamaConfig, Transformer, load, rope_frequencies
 
 TINY = FIXTURES / "llama" / "tiny_random"
@@ -53,6 +54,25 @@ def test_cached_prefix_equals_one_pass():
     _, past = model.hidden(x[:, :7], positions[:, :7])
     suffix, _ = model.hidden(x[:, 7:], positions[:, 7:], past=past, past_mask=torch.ones(2, 7, dtype=torch.bool))
     assert (suffix - full[:, 7:]).abs().max() <= 1e-5
+
+
+def test_attention_blocks_of_3_positions_match_the_fixture(monkeypatch):
+    """attend computes causal attention in blocks of model.ATTENTION_BLOCK query positions, each
+    over only the keys it can see. The fixture's 16 positions fit one block of 32; blocks of 3 make
+    six, with padding, and the cached-prefix pass must still see exactly its past keys."""
+    model = Transformer.from_pretrained(TINY)
+    ref = load_file(TINY.parent / "tiny_random_ref.safetensors")
+    real = ref["attention_mask"].bool()                                  # (3, 16)
+    x = model.tok_embeddings(ref["input_ids"])                           # (3, 16, D)
+    positions = torch.arange(16).expand(3, -1)
+    one_block, _ = model.hidden(x, positions, mask=real)
+    monkeypatch.setattr(model_module, "ATTENTION_BLOCK", 3)
+    blocked, _ = model.hidden(x, positions, mask=real)
+    assert (blocked - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
+    assert (blocked - one_block)[real].abs().max() <= 1e-5                 # fp32: shorter softmax sums
+    _, past = model.hidden(x[:, :4], positions[:, :4], mask=real[:, :4])
+    suffix, _ = model.hidden(x[:, 4:], positions[:, 4:], real[:, 4:], past, real[:, :4])  # 12 positions: 4 blocks
+    assert (suffix - ref["hidden.final_norm"][:, 4:])[real[:, 4:]].abs().max() <= 1e-4
 
 
 def test_compiled_blocks_match_eager_on_the_fixture():
