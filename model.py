@@ -325,8 +325,9 @@ class Transformer(nn.Module):
         """torch.compile every block for inference, with dynamic shapes so that one graph serves all
         batch sizes and lengths (and all 30 blocks: same code, weights passed as inputs). Inductor
         fuses the elementwise work around the matmuls (RMSNorm, RoPE, mask + softmax, SwiGLU,
-        residuals) into a few C++ loops: zero-shot scoring ran at 1.04-1.15x eager's pairs/s on the
-        2-core CPU in bf16 in five of six bench runs (0.96x in one), after 15-30 s of compiling. Needs a C++ compiler at run time; off unless asked for."""
+        residuals) into a few C++ loops: zero-shot scoring ran at 0.96-1.17x eager's pairs/s on the
+        2-core CPU in bf16 in the bench runs of three stops, after 15-30 s of compiling. Needs a C++ compiler
+        at run time; off unless asked for."""
         for layer in self.layers:
             layer.compile(dynamic=True)
         return self
