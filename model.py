@@ -325,7 +325,7 @@ class Transformer(nn.Module):
         """torch.compile every block for inference, with dynamic shapes so that one graph serves all
         batch sizes and lengths (and all 30 blocks: same code, weights passed as inputs). Inductor
         fuses the elementwise work around the matmuls (RMSNorm, RoPE, mask + softmax, SwiGLU,
-        residuals) into a few C++ loops: zero-shot scoring ran at 0.96-1.17x eager's pairs/s on the
+        residuals) into a few C++ loops: zero-shot scoring ran at 0.85-1.30x eager's pairs/s on the
         2-core CPU in bf16 in the bench runs of three stops, after 15-30 s of compiling. Needs a C++ compiler
         at run time; off unless asked for."""
         for layer in self.layers:
