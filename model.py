@@ -326,8 +326,8 @@ class Transformer(nn.Module):
         batch sizes and lengths (and all 30 blocks: same code, weights passed as inputs). Inductor
         fuses the elementwise work around the matmuls (RMSNorm, RoPE, mask + softmax, SwiGLU,
         residuals) into a few C++ loops: zero-shot scoring ran at 0.85-1.30x eager's pairs/s on the
-        2-core CPU in bf16 in the bench runs of three stops, after 15-30 s of compiling. Needs a C++ compiler
-        at run time; off unless asked for."""
+        2-core CPU in bf16 in the bench runs of three stops, after 15-30 s of compiling. Needs a
+        C++ compiler at run time; off unless asked for."""
         for layer in self.layers:
             layer.compile(dynamic=True)
         return self
