@@ -523,7 +523,7 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="LLM compute dtype")
     p.add_argument("--token-budget", type=int, default=4096, help="prompt tokens per scoring batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks for reranking "
-                   "(usually 4-15%% faster scoring on a 2-core CPU; the 15-30 s of compiling counts in pairs/s; "
+                   "(0.85-1.30x eager's scoring speed in bench runs on a 2-core CPU; the 15-30 s of compiling counts in pairs/s; "
                    "needs a C++ compiler)")
     p.add_argument("--train-queries", type=int, default=0, help="use only the first N train queries (0 = all)")
     for f in fields(QPEFTConfig):
