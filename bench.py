@@ -10,7 +10,8 @@
 Timings on shared machines are noisy: compare the ratios within one run, not across runs.
 The last line is one JSON object with the headline figures.
 
-FLOP accounting (useful work only: padding is not counted): 2 x (frozen LLM parameters outside
+FLOP accounting (useful work only: padding is not counted, and the head shared by all passages,
+bos + instruction + "Passage:", counts once per batch, as it runs): 2 x (frozen LLM parameters outside
 the embedding table) per token forward, plus 4 x heads x head_dim per layer for each (query, key)
 pair that causal attention computes (scores and weighted values), plus 2 x dim x vocab per
 position where logits are computed; a training step's backward through the frozen LLM doubles the
@@ -101,14 +102,26 @@ def main():
         key_pairs = (start + 1 + start + length) * length // 2
         return 4 * cfg.n_heads * cfg.head_dim * cfg.n_layers * key_pairs
 
+    head = len(template.head)
+
+    def passage_work(n_batches, docids):
+        """Tokens and forward FLOPs of the passage passes: the shared head (bos, P, "Passage:") once
+        per batch, then each passage's own tokens, which also attend to the head."""
+        own = [prefix_len[d] - head for d in docids]
+        n_tokens = n_batches * head + sum(own)
+        return n_tokens, (2 * dense * n_tokens + n_batches * attention_flops(0, head)
+                          + sum(attention_flops(head, n) for n in own))
+
     def scoring_flops(hint_tokens):
-        prefixes = [prefix_len[d] for d in {d for _, d in pairs}]                 # once per passage
+        docids = sorted({d for _, d in pairs})                                     # once per passage
+        n_batches = len(data.token_budget_batches([prefix_len[d] for d in docids], 4096))  # as qpeft.rerank batches
+        prefix_tokens, prefix_flops = passage_work(n_batches, docids)
         targets = sum(len(tokens.queries[q]) + 1 for q, _ in pairs)
         suffixes = [(prefix_len[d], len(template.question) + hint_tokens(q)
                      + len(tokens.queries[q]) + 1) for q, d in pairs]
-        n_tokens = sum(prefixes) + sum(n for _, n in suffixes)
-        flops = (2 * dense * n_tokens + 2 * cfg.dim * cfg.vocab_size * targets
-                 + sum(attention_flops(0, n) for n in prefixes) + sum(attention_flops(s, n) for s, n in suffixes))
+        n_tokens = prefix_tokens + sum(n for _, n in suffixes)
+        flops = (prefix_flops + 2 * dense * sum(n for _, n in suffixes) + 2 * cfg.dim * cfg.vocab_size * targets
+                 + sum(attention_flops(s, n) for s, n in suffixes))
         return n_tokens, flops
 
     rows, figures, gflops_of = [], {}, {}
@@ -150,12 +163,13 @@ def main():
         trained_pairs = sum(step(b) for b in batches)
         seconds = time.perf_counter() - start
         # FLOPs of the fast path's work (the naive path does more, all of it counted as waste)
-        prefixes = [prefix_len[d] for b in batches for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b}]
+        passages, passage_flops = passage_work(len(batches), [
+            d for b in batches for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b}])
         pairs_ = [(len(tokens.queries[b[i].qid]), prefix_len[d]) for b in batches for i, d, _ in qpeft.batch_pairs(b)]
         targets = sum(n + 1 for n, _ in pairs_)                                       # query tokens + eos
         suffixes = [(s, wrap + len(template.question) + 2 * n + 1) for n, s in pairs_]  # H holds n vectors too
-        passages, suffix = sum(prefixes), sum(n for _, n in suffixes)
-        flops = (2 * dense * passages + sum(attention_flops(0, n) for n in prefixes)       # forward only
+        suffix = sum(n for _, n in suffixes)
+        flops = (passage_flops                                                         # forward only
                  + 2 * (2 * dense * suffix + sum(attention_flops(s, n) for s, n in suffixes))  # forward + backward
                  + 4 * cfg.dim * cfg.vocab_size * targets)
         train[path] = trained_pairs / seconds

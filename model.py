@@ -147,12 +147,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(N, self.n_kv_heads, hd)
         q = packing.pad(q)                                                           # (B, T, H, hd)
         k, v = packing.pad(k).transpose(1, 2), packing.pad(v).transpose(1, 2)        # (B, Hkv, T, hd) each
-        new_kv = (k, v)
-        if past_kv is not None:  # attend to an earlier prefix's keys/values first
-            k = torch.cat([past_kv[0], k], dim=2)                                 # (B, Hkv, S, hd), S = S_past + T
-            v = torch.cat([past_kv[1], v], dim=2)
+        if past_kv is not None:  # attend to an earlier prefix's keys/values first (batch 1: shared by all rows)
+            k = torch.cat([past_kv[0].expand(packing.B, -1, -1, -1), k], dim=2)     # (B, Hkv, S, hd), S = S_past + T
+            v = torch.cat([past_kv[1].expand(packing.B, -1, -1, -1), v], dim=2)
         y = attend(q, k, v, bias)                                                   # (B, T, H * hd)
-        return self.wo(packing.pack(y)), new_kv                                     # (N, D)
+        return self.wo(packing.pack(y)), (k, v)                                     # (N, D), keys/values of all S
 
 
 ATTENTION_BLOCK = 32  # query positions per block in `attend`
@@ -300,9 +299,11 @@ class Transformer(nn.Module):
 
         `mask` (B, T) is True on real tokens (default: all); x must be right-padded. Pads cost
         nothing (see Packing) and come out as zeros. Without `past`, attention is causal over x
-        alone. With `past` (one (k, v) per layer, each (B, Hkv, S, hd), as returned by an earlier
-        call) the rows also attend to the S cached positions where `past_mask` (B, S) is True.
-        Returns (hidden, kv) with kv the keys/values of these T positions (zeros at pads).
+        alone. With `past` (one (k, v) per layer, each (B or 1, Hkv, S, hd), as returned by an
+        earlier call; batch 1 is shared by all B rows) the rows also attend to the S cached
+        positions where `past_mask` (B, S) is True (default: all of them). Returns (hidden, kv)
+        with kv the keys/values of the S past and these T positions, (B, Hkv, S + T, hd) per
+        layer (zeros at pads).
         """
         B, T = x.shape[:2]
         packing = Packing(torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask)
@@ -312,8 +313,9 @@ class Transformer(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None]   # (1, T, T) causal
         if past is not None:
-            allowed = torch.cat([past_mask[:, None, :].expand(-1, T, -1),
-                                 allowed.expand(B, -1, -1)], dim=-1)                 # (B, T, S_past + T)
+            seen = torch.ones(1, T, past[0][0].shape[2], dtype=torch.bool, device=x.device) \
+                if past_mask is None else past_mask[:, None, :].expand(-1, T, -1)      # (B or 1, T, S_past)
+            allowed = torch.cat([seen, allowed.expand(len(seen), -1, -1)], dim=-1)  # (B or 1, T, S_past + T)
         bias = stacked_bias(allowed, self.cfg.n_heads, self.cfg.n_kv_heads, x.dtype)
         kvs = []
         for i, layer in enumerate(self.layers):

@@ -14,7 +14,8 @@ a line). score = mean log-probability of the query tokens and eos. Four reranker
   qpeft-a   E', attention and the MLP      H = MLP(E'("hints: "), attention(E'(query), E(passage)), E'("\\n"))
 
 Fast path: P and the passage come before anything query-dependent, so their keys/values are
-computed once per passage and reused for every query and every method that meets the passage;
+computed once per passage (P's once per batch of passages) and reused for every query and every
+method that meets the passage;
 only H, "Question: \\n" and the query run per pair, and logits are computed only where the query
 is predicted.
 """
@@ -95,9 +96,14 @@ class Template:
         self.question = tokenizer.encode("Question: \n")
         self.eos = tokenizer.eos_id
 
+    @property
+    def head(self):
+        """The start of every prefix, the same for all passages: bos, P and "\\nPassage:"."""
+        return self.bos + self.prompt + self.passage_open
+
     def prefix(self, passage_ids):
         """Everything before H: P and the passage."""
-        return self.bos + self.prompt + self.passage_open + passage_ids + self.passage_close
+        return self.head + passage_ids + self.passage_close
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,17 +203,21 @@ def pad_ids(lists, device, pad=0):
 def encode_prefixes(llm, template, reranker, passages):
     """Keys/values of P + passage for a batch of passages (id lists). P is the frozen instruction,
     or the trainable soft prompt of the `prompt` method (then this runs with gradients).
-    Returns (past, past_mask (Np, S), lengths (Np,))."""
+    The head (bos, P, "\\nPassage:") is the same for every passage and comes first, so its
+    keys/values are computed once and every passage attends to that one copy: 16 of a prefix's
+    107 tokens on average on msmarco_small. Returns (past, past_mask (Np, S), lengths (Np,))."""
     dev = llm.tok_embeddings.weight.device
-    ids, mask = pad_ids([template.prefix(p) for p in passages], dev)             # (Np, S)
-    x = llm.tok_embeddings(ids)                                                 # (Np, S, D)
+    head = llm.tok_embeddings(torch.tensor([template.head], device=dev))         # (1, S_head, D)
     if reranker is not None and reranker.cfg.method == "prompt":  # swap in the trainable P after bos
         b, P = len(template.bos), len(template.prompt)
-        soft = reranker.soft_prompt.to(x.dtype).expand(len(passages), -1, -1)         # (Np, P, D)
-        x = torch.cat([x[:, :b], soft, x[:, b + P:]], dim=1)                        # (Np, S, D)
-    positions = torch.arange(ids.shape[1], device=dev).expand(len(passages), -1)
-    _, past = llm.hidden(x, positions, mask)
-    return past, mask, mask.sum(1)
+        head = torch.cat([head[:, :b], reranker.soft_prompt.to(head.dtype)[None], head[:, b + P:]], dim=1)
+    S_head = head.shape[1]
+    _, head_kv = llm.hidden(head, torch.arange(S_head, device=dev)[None])        # (1, Hkv, S_head, hd) per layer
+    ids, mask = pad_ids([p + template.passage_close for p in passages], dev)     # (Np, T)
+    positions = S_head + torch.arange(ids.shape[1], device=dev).expand(len(passages), -1)
+    _, past = llm.hidden(llm.tok_embeddings(ids), positions, mask, head_kv)      # (Np, Hkv, S_head + T, hd) per layer
+    past_mask = torch.cat([torch.ones(len(passages), S_head, dtype=torch.bool, device=dev), mask], dim=1)
+    return past, past_mask, past_mask.sum(1)
 
 
 def score_pairs(llm, template, reranker, prefix, rows, queries, passages):

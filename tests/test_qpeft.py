@@ -148,6 +148,22 @@ def test_cached_scorer_equals_naive_full_sequence(tiny, method):
     assert (fast < 0).all()  # mean log-probabilities
 
 
+def test_soft_prompt_gradient_through_the_shared_head_equals_naive(tiny):
+    """encode_prefixes runs the head (bos, P, "\\nPassage:") once for all passages; the soft prompt's
+    gradient must still collect every pair's share, as in one full pass per pair."""
+    llm, tokenizer, template = tiny
+    reranker = make_reranker("prompt", llm, template)
+    passages, queries = [tokenizer.encode(p) for p in PASSAGES], [tokenizer.encode(q) for q in QUERIES]
+    fast = score_pairs(llm, template, reranker, encode_prefixes(llm, template, reranker, passages),
+                       [d for _, d in PAIRS], [queries[q] for q, _ in PAIRS], [passages[d] for _, d in PAIRS])
+    slow = torch.stack([naive_score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS])
+    weights = torch.linspace(1, 2, len(PAIRS))  # unequal: a pair dropped or counted twice shows
+    (fast_grad,) = torch.autograd.grad((weights * fast).sum(), reranker.soft_prompt)
+    (slow_grad,) = torch.autograd.grad((weights * slow).sum(), reranker.soft_prompt)
+    assert slow_grad.abs().max() > 1e-3  # the soft prompt does matter to the scores
+    assert (fast_grad - slow_grad).abs().max() <= 1e-4 * slow_grad.abs().max(), (fast_grad - slow_grad).abs().max()
+
+
 def test_zeroshot_needs_no_module(tiny):
     """reranker=None is plain zero-shot query likelihood, the same as the zeroshot method."""
     llm, tokenizer, template = tiny
