@@ -11,12 +11,13 @@ Timings on shared machines are noisy: compare the ratios within one run, not acr
 The last line is one JSON object with the headline figures.
 
 FLOP accounting (useful work only: padding is not counted, and the head shared by all passages,
-bos + instruction + "Passage:", counts once per batch, as it runs): 2 x (frozen LLM parameters outside
-the embedding table) per token forward, plus 4 x heads x head_dim per layer for each (query, key)
-pair that causal attention computes (scores and weighted values), plus 2 x dim x vocab per
-position where logits are computed; a training step's backward through the frozen LLM doubles the
-work of the tokens after the passage (input gradients only, no weight gradients).
-Every timing is the best of `--repeats` runs after one untimed run, like the matmul peak it is compared with.
+bos + instruction + "Passage:", counts once per batch, as it runs): 2 x (frozen LLM parameters
+outside the embedding table) per token forward, plus 4 x heads x head_dim per layer for each
+(query, key) pair that causal attention computes (scores and weighted values), plus 2 x dim x vocab
+per position where logits are computed; a training step's backward through the frozen LLM doubles
+the work of the tokens after the passage (input gradients only, no weight gradients).
+Every timing is the best of `--repeats` runs after one untimed run, like the matmul peak it is
+compared with.
 """
 import argparse
 import json
