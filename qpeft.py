@@ -200,6 +200,16 @@ def pad_ids(lists, device, pad=0):
 # ---------------------------------------------------------------------------------------------
 # Scoring: mean log-probability of query + eos, with passage keys/values computed once
 # ---------------------------------------------------------------------------------------------
+def embed_head(llm, template, reranker):
+    """Input embeddings (S_head, D) of the head, with the trainable soft prompt in P's place after
+    bos for the `prompt` method."""
+    head = llm.tok_embeddings(torch.tensor(template.head, device=llm.tok_embeddings.weight.device))
+    if reranker is None or reranker.cfg.method != "prompt":
+        return head
+    b, P = len(template.bos), len(template.prompt)
+    return torch.cat([head[:b], reranker.soft_prompt.to(head.dtype), head[b + P:]])
+
+
 def encode_prefixes(llm, template, reranker, passages):
     """Keys/values of P + passage for a batch of passages (id lists). P is the frozen instruction,
     or the trainable soft prompt of the `prompt` method (then this runs with gradients).
@@ -207,10 +217,7 @@ def encode_prefixes(llm, template, reranker, passages):
     keys/values are computed once and every passage attends to that one copy: 16 of a prefix's
     107 tokens on average on msmarco_small. Returns (past, past_mask (Np, S), lengths (Np,))."""
     dev = llm.tok_embeddings.weight.device
-    head = llm.tok_embeddings(torch.tensor([template.head], device=dev))         # (1, S_head, D)
-    if reranker is not None and reranker.cfg.method == "prompt":  # swap in the trainable P after bos
-        b, P = len(template.bos), len(template.prompt)
-        head = torch.cat([head[:, :b], reranker.soft_prompt.to(head.dtype)[None], head[:, b + P:]], dim=1)
+    head = embed_head(llm, template, reranker)[None]                            # (1, S_head, D)
     S_head = head.shape[1]
     _, head_kv = llm.hidden(head, torch.arange(S_head, device=dev)[None])        # (1, Hkv, S_head, hd) per layer
     ids, mask = pad_ids([p + template.passage_close for p in passages], dev)     # (Np, T)
@@ -271,10 +278,8 @@ def score_pairs_uncached(llm, template, reranker, queries, passages):
         if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a") else [None] * len(queries)
     sequences, first_target = [], []
     for hint, q, p in zip(hints, queries, passages):
-        prefix = llm.tok_embeddings(torch.tensor(template.prefix(p), device=dev))      # (S, D)
-        if reranker is not None and reranker.cfg.method == "prompt":
-            b = len(template.bos)
-            prefix = torch.cat([prefix[:b], reranker.soft_prompt.to(dtype), prefix[b + len(template.prompt):]])
+        prefix = torch.cat([embed_head(llm, template, reranker),                         # (S, D)
+                            llm.tok_embeddings(torch.tensor(p + template.passage_close, device=dev))])
         text = llm.tok_embeddings(torch.tensor(template.question + q + [template.eos], device=dev))
         sequences.append(torch.cat([prefix] + ([hint.to(dtype)] if hint is not None else []) + [text]))
         first_target.append(len(sequences[-1]) - len(q) - 1)
