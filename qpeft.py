@@ -514,7 +514,7 @@ def ndcg_delta(per_query, name, base):
 # Command line
 # ---------------------------------------------------------------------------------------------
 PRESETS = {
-    # The default fits a 2-core CPU in about 20 minutes; see README for the measured wall time.
+    # The default: about 4 minutes on a 2-core CPU (README has the measured wall time).
     "laptop": dict(depth=30, steps=100, methods="zeroshot,qpeft-a", train_data=""),
     # The paper's protocol as far as this data allows: all 100 candidates, more steps, 1,474 train queries.
     "paper": dict(depth=100, steps=1500, methods="zeroshot,prompt,qpeft-r,qpeft-a", train_data="msmarco_train_extra",
