@@ -29,6 +29,8 @@ import data
 import qpeft
 from model import find_asset, load
 
+TOKEN_BUDGET = 4096  # prompt tokens per scoring batch: qpeft.py's --token-budget default, for every path below
+
 
 def matmul_peak(dtype, sizes=(768, 1024, 1280, 1536, 2048), flop_per_try=1e11):
     """GFLOP/s of the fastest n x n x n matmul over a few sizes, best of 3 tries each: the
@@ -115,7 +117,7 @@ def main():
 
     def scoring_flops(hint_tokens):
         docids = sorted({d for _, d in pairs})                                     # once per passage
-        n_batches = len(data.token_budget_batches([prefix_len[d] for d in docids], 4096))  # as qpeft.rerank batches
+        n_batches = len(data.token_budget_batches([prefix_len[d] for d in docids], TOKEN_BUDGET))  # as rerank does
         prefix_tokens, prefix_flops = passage_work(n_batches, docids)
         targets = sum(len(tokens.queries[q]) + 1 for q, _ in pairs)
         suffixes = [(prefix_len[d], len(template.question) + hint_tokens(q)
@@ -129,8 +131,8 @@ def main():
     wrap = len(template.hints_open) + len(template.hints_close)
     for name, reranker, hint_tokens in [("zeroshot", zeroshot, lambda q: 0),
                                         ("qpeft-a", qpeft_a, lambda q: wrap + len(tokens.queries[q]))]:
-        (ours, _), seconds = timed(lambda: qpeft.rerank(llm, template, {name: reranker}, candidates, tokens, 4096,
-                                                        f"score {name}"), args.repeats)
+        (ours, _), seconds = timed(lambda: qpeft.rerank(llm, template, {name: reranker}, candidates, tokens,
+                                                        TOKEN_BUDGET, f"score {name}"), args.repeats)
         n_tokens, flops = scoring_flops(hint_tokens)
         rows.append((f"score {name}", n_pairs / seconds, n_tokens / seconds, flops / seconds / 1e9))
         if name == "zeroshot":
@@ -187,7 +189,7 @@ def main():
     if transformers is not None:
         hf = transformers.LlamaForCausalLM.from_pretrained(find_asset(args.model, "models"), dtype=dtype).eval()
         lengths = [prefix_len[d] for _, d in pairs]
-        batches = data.token_budget_batches(lengths, 4096)  # the same passage batches as ours (one pair each)
+        batches = data.token_budget_batches(lengths, TOKEN_BUDGET)  # the same passage batches as ours (one pair each)
 
         def hf_scores():  # what a transformers user writes: full sequences, full logits, log_softmax
             scores = {}
@@ -211,8 +213,8 @@ def main():
     # torch.compile'd blocks (qpeft.py --compile), last because compiling changes the model for good.
     try:
         llm.compile_blocks()
-        _, seconds = timed(lambda: qpeft.rerank(llm, template, {"zeroshot": zeroshot}, candidates, tokens, 4096,
-                                                "score zeroshot compiled"), args.repeats)
+        _, seconds = timed(lambda: qpeft.rerank(llm, template, {"zeroshot": zeroshot}, candidates, tokens,
+                                                TOKEN_BUDGET, "score zeroshot compiled"), args.repeats)
         n_tokens, flops = scoring_flops(lambda q: 0)
         rows.append(("score zeroshot (--compile)", n_pairs / seconds, n_tokens / seconds, flops / seconds / 1e9))
         figures["score_pairs_per_s_compiled"] = round(n_pairs / seconds, 2)
