@@ -149,13 +149,13 @@ def main():
 
         def step(batch):
             if path == "fast":
-                loss = qpeft.batch_loss(llm, template, reranker, batch, tokens, margin=0.0)
+                loss, _ = qpeft.batch_loss(llm, template, reranker, batch, tokens, margin=0.0)
             else:
                 pairs_ = qpeft.batch_pairs(batch)
                 scores = qpeft.score_pairs_uncached(llm, template, reranker,
                                                     [tokens.queries[batch[i].qid] for i, _, _ in pairs_],
                                                     [tokens.passages[d] for _, d, _ in pairs_])
-                loss = qpeft.ranking_loss(scores, pairs_, margin=0.0)
+                loss, _ = qpeft.ranking_loss(scores, pairs_, margin=0.0)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ A dataset is a folder in BEIR layout (see shared/data/*/README.md):
     queries.jsonl          {"_id", "text", ...}           a "split" field, if present, is ignored
     qrels/{split}.tsv      "query-id<TAB>corpus-id<TAB>score" (BEIR header optional), integer grades
     runs/{split}.{tag}.trec   optional first stage, TREC run "qid Q0 docid rank score tag"
+    train_hard_negatives.jsonl  optional {"_id", "neg": [...], "n_official"}: official negatives
 A split exists when qrels/{split}.tsv exists, and its queries are the qids of that file, so
 msmarco_small has train, dev, dev.graded and test. Bad data raises ValueError("file:line: what");
 the few cases where skipping is the sane choice print a counted warning to stderr.
@@ -15,7 +16,7 @@ import random
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class Dataset:
     queries: dict[str, str]                      # qid -> text, for all splits
     qrels: dict[str, dict[str, dict[str, int]]]  # split -> qid -> docid -> grade
     runs: dict[str, dict[str, dict[str, float]]]  # split -> qid -> docid -> first-stage score
+    official_negatives: dict[str, list[str]]     # qid -> the dataset's official negatives, if any
 
     @property
     def splits(self):
@@ -170,14 +172,34 @@ def load_dataset(name_or_path):
     for split in qrels:
         if split not in runs and split.split(".")[0] in runs:
             runs[split] = runs[split.split(".")[0]]
-    return Dataset(path.name, path, corpus, queries, qrels, runs)
+    return Dataset(path.name, path, corpus, queries, qrels, runs, _read_official_negatives(path))
+
+
+def _read_official_negatives(path):
+    """{qid: [docid]} from train_hard_negatives.jsonl: the first `n_official` of each "neg" list
+    (msmarco_train_extra), or neg[0] where "neg_source" says it is the official triples negative
+    (msmarco_small's splade-toy queries). Its other lists are BM25 hits minus positives: no better
+    than our own rank band, so they are not used."""
+    file, negatives = path / "train_hard_negatives.jsonl", {}
+    if not file.is_file():
+        return negatives
+    for n, line in _lines(file):
+        try:
+            rec = json.loads(line)
+            official = rec.get("n_official", int(rec.get("neg_source", "").startswith("neg[0]: official")))
+            if official:
+                negatives[rec["_id"]] = rec["neg"][:official]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{file}:{n}: expected {{'_id', 'neg': [...], 'n_official'}}") from None
+    return negatives
 
 
 def merge_datasets(*datasets):
     """One Dataset over several folders, e.g. msmarco_small + msmarco_train_extra for training.
     A passage or query id may appear twice only with the same text; a (split, query) only once."""
-    merged = Dataset("+".join(d.name for d in datasets), datasets[0].path, {}, {}, {}, {})
+    merged = Dataset("+".join(d.name for d in datasets), datasets[0].path, {}, {}, {}, {}, {})
     for d in datasets:
+        merged.official_negatives.update(d.official_negatives)
         for mine, theirs, what in ((merged.corpus, d.corpus, "passage"), (merged.queries, d.queries, "query")):
             if (clash := next((i for i, t in theirs.items() if mine.get(i, t) != t), None)) is not None:
                 raise ValueError(f"merge: {what} {clash!r} has another text in {d.name} than before")
@@ -251,30 +273,51 @@ class TrainExample:
     qid: str
     positive_docid: str
     hard_negative_docid: str
+    negative_source: str = field(default="", compare=False)  # see hard_negative_pool
 
 
-def training_examples(dataset, split="train", seed=0, hard_negative_depth=20):
-    """One (query, positive, BM25 hard negative) triple per query of `split` (method.md §5); for
-    several folders use merge_datasets. In-batch negatives are the trainer's job (train_batches)."""
-    # Positive: a passage with text at the split's relevance level. Hard negative: one of the
-    # first-stage top `hard_negative_depth` not labelled relevant (grade < 1 or unjudged; MS MARCO
-    # labels are sparse, so a few are unlabelled positives anyway). Each query draws from its own
-    # Random(f"{seed}:{qid}"): its pair does not depend on the other queries or folders present.
-    # Pass seed + epoch to redraw pairs every epoch. Queries lacking either are skipped, counted.
+# Unlabelled BM25 hits ranked 11-20 are the hard-negative pool where nothing better is known. On
+# the 40 dev queries of msmarco_small with complete graded labels (qrels/dev.graded.tsv), the share
+# of unlabelled candidates that are in fact relevant (grade >= 2) falls with the BM25 rank:
+# 0.60 at ranks 1-5, 0.39 at 6-10, 0.34 at 11-15, 0.26 at 16-20.
+HARD_NEGATIVE_BAND = (11, 20)
+
+
+def hard_negative_pool(dataset, split, qid, judged, ranking):
+    """Where a query's hard negative comes from, best evidence first, and the pool:
+    'official': the dataset's own negatives (MS MARCO triples); 'judged': first-stage top-20 hits
+    that the qrels judge non-relevant (grade < 1; nq_small judges every candidate by has_answer);
+    'band': unjudged hits at ranks HARD_NEGATIVE_BAND of the first stage (sparse labels); 'top-20':
+    any unjudged top-20 hit, for first-stage lists too short to reach the band."""
+    if official := [d for d in dataset.official_negatives.get(qid, []) if judged.get(d, 0) < 1]:
+        return "official", official
+    if judged_negatives := [d for d in ranking[:20] if d in judged and judged[d] < 1]:
+        return "judged", judged_negatives
+    first, last = HARD_NEGATIVE_BAND
+    if band := [d for d in ranking[first - 1:last] if judged.get(d, 0) < 1]:
+        return "band", band
+    return "top-20", [d for d in ranking[:20] if judged.get(d, 0) < 1]  # short lists only
+
+
+def training_examples(dataset, split="train", seed=0):
+    """One (query, positive, hard negative) triple per query of `split` (method.md §5), the hard
+    negative from hard_negative_pool; for several folders use merge_datasets. In-batch negatives
+    are the trainer's job. Each query draws from its own Random(f"{seed}:{qid}"): its pair does
+    not depend on the other queries or folders present. Queries lacking either are skipped, counted."""
     level = dataset.relevance_level(split)
-    candidates = dataset.candidates(split, hard_negative_depth)
+    candidates = dataset.candidates(split, 1000)
     examples, no_positive, no_negative = [], 0, 0
     for qid, judged in dataset.qrels[split].items():
         positives = sorted(d for d, grade in judged.items() if grade >= level and d in dataset.corpus)
-        negatives = [d for d in candidates[qid] if judged.get(d, 0) < 1]
+        source, negatives = hard_negative_pool(dataset, split, qid, judged, candidates.get(qid, []))
         no_positive += not positives
         no_negative += bool(positives) and not negatives
         if positives and negatives:
             rng = random.Random(f"{seed}:{qid}")
-            examples.append(TrainExample(qid, rng.choice(positives), rng.choice(negatives)))
+            examples.append(TrainExample(qid, rng.choice(positives), rng.choice(negatives), source))
     if no_positive or no_negative:
         _warn(f"{dataset.name}/{split}: skipped {no_positive} queries without a positive that has "
-              f"text and {no_negative} without an unlabelled candidate in the top {hard_negative_depth}")
+              f"text and {no_negative} without a hard negative")
     return examples
 
 

@@ -4,11 +4,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (BM25, TrainExample, bm25_tokens, load_dataset, merge_datasets, ranked,  # noqa: E402
+from data import (BM25, TrainExample, bm25_tokens, hard_negative_pool, load_dataset, merge_datasets, ranked,  # noqa: E402
                   token_budget_batches, tokenize_texts, train_batches, training_examples)
 
 MSMARCO_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "msmarco_small"
@@ -158,15 +159,38 @@ def test_training_examples(small):
     a = training_examples(small, seed=0)
     assert len(a) == 580 and a == training_examples(small, seed=0)
     assert a != training_examples(small, seed=1)
-    top20 = small.candidates("train", 20)
+    ranking = small.candidates("train", 30)
     for ex in a:
         judged = small.qrels["train"][ex.qid]
         assert judged[ex.positive_docid] >= 1
         assert judged.get(ex.hard_negative_docid, 0) < 1
-        assert ex.hard_negative_docid in top20[ex.qid]
-    if TRAIN_EXTRA.exists():  # its run lists negatives only; a query's pair ignores the other folders
-        merged = training_examples(merge_datasets(small, load_dataset(TRAIN_EXTRA)), seed=0)
+        if ex.qid.startswith("splade-toy"):  # neg[0] of train_hard_negatives.jsonl: the triples' negative
+            assert ex.negative_source == "official"
+            assert ex.hard_negative_docid == small.official_negatives[ex.qid][0]
+        else:  # sparse labels: an unlabelled hit at BM25 ranks 11-20, never the top 10
+            assert ex.negative_source == "band"
+            assert ex.hard_negative_docid in ranking[ex.qid][10:20]
+    if TRAIN_EXTRA.exists():  # its official negatives; a query's pair ignores the other folders
+        extra = load_dataset(TRAIN_EXTRA)
+        merged = training_examples(merge_datasets(small, extra), seed=0)
         assert len(merged) == 580 + 894 and merged[:580] == a
+        assert all(e.negative_source == "official" and e.hard_negative_docid in extra.official_negatives[e.qid]
+                   for e in merged[580:])
+
+
+def test_hard_negative_pool_by_hand():
+    """Official negatives first, then hits judged non-relevant, then the unjudged rank band 11-20."""
+    ranking = [f"d{i}" for i in range(1, 25)]   # BM25 order: d1 is rank 1
+    ds = SimpleNamespace(official_negatives={"q1": ["x", "d1"]})
+    # q1: official "x" (the judged-relevant d1 is dropped from the official list)
+    assert hard_negative_pool(ds, "train", "q1", {"d1": 1}, ranking) == ("official", ["x"])
+    # q2: no official negative; d3 and d30 are judged 0, d30 is not in the top 20
+    assert hard_negative_pool(ds, "train", "q2", {"d2": 1, "d3": 0, "d30": 0}, ranking) == ("judged", ["d3"])
+    # q3: only a positive is judged: the unjudged band, ranks 11-20, minus the positive d12
+    assert hard_negative_pool(ds, "train", "q3", {"d12": 1}, ranking) == \
+        ("band", ["d11", "d13", "d14", "d15", "d16", "d17", "d18", "d19", "d20"])
+    # q4: a list too short to reach rank 11: any unjudged top-20 hit
+    assert hard_negative_pool(ds, "train", "q4", {"d1": 1}, ranking[:3]) == ("top-20", ["d2", "d3"])
 
 
 def test_training_examples_skips_queries_without_negative(tmp_path, capsys):

@@ -228,8 +228,8 @@ def test_batch_loss_by_hand(monkeypatch):
     # just labels; score_pairs is replaced by a table of mean log-probs s, NLL = -s.
     tokens = TokenIds(queries={"q1": [1], "q2": [2]}, passages={"A": [10], "a": [11], "B": [20], "b": [21]})
     name = {tuple(v): k for k, v in {**tokens.queries, **tokens.passages}.items()}
-    s = {("q1", "A"): -1.0, ("q1", "B"): -1.6, ("q1", "a"): -0.8,
-         ("q2", "B"): -2.0, ("q2", "A"): -3.5, ("q2", "b"): -1.9}
+    s = {("q1", "A"): -1.0, ("q1", "B"): -1.6, ("q1", "a"): -0.8, ("q1", "b"): -2.5,
+         ("q2", "B"): -2.0, ("q2", "A"): -3.5, ("q2", "b"): -2.2, ("q2", "a"): -1.7}
     scored, pairs = [], []
 
     def fake_score_pairs(llm, template, reranker, prefix, rows, queries, passages):
@@ -240,29 +240,35 @@ def test_batch_loss_by_hand(monkeypatch):
     monkeypatch.setattr(qpeft, "encode_prefixes", lambda *args: None)
     reranker = SimpleNamespace(cfg=SimpleNamespace(method="qpeft-a"))
     batch = [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")]
-    loss = batch_loss(None, None, reranker, batch, tokens, margin=0.5)
-    # negatives: the other query's positive (in-batch) + the own hard negative, nothing else
+    loss, terms = batch_loss(None, None, reranker, batch, tokens, margin=0.5)
+    # negatives: the other query's positive and both hard negatives (in-batch + hard), nothing else
     assert len(pairs) == 1 and sorted(pairs[0]) == sorted(s)
     # NLL(pos): q1 1.0, q2 2.0 -> mean 1.5
-    # hinges relu(NLL+ - NLL- + 0.5): q1/B relu(1.0-1.6+.5)=0, q1/a relu(1.0-0.8+.5)=0.7,
-    #                                 q2/A relu(2.0-3.5+.5)=0, q2/b relu(2.0-1.9+.5)=0.6 -> mean 1.3/4 = 0.325
-    assert loss.item() == pytest.approx(1.825, abs=1e-6)
-    # dL/ds: a positive gets -1/2 (mean NLL over 2 queries) - 1/4 per active hinge (mean over 4 negatives);
-    # a negative +1/4 when its hinge is active, else 0
+    # hinges relu(NLL+ - NLL- + 0.5): q1/B relu(1.0-1.6+.5)=0, q1/a relu(1.0-0.8+.5)=0.7, q1/b 0,
+    #   q2/A relu(2.0-3.5+.5)=0, q2/a relu(2.0-1.7+.5)=0.8, q2/b relu(2.0-2.2+.5)=0.3 -> 1.8/6 = 0.3
+    assert loss.item() == pytest.approx(1.8, abs=1e-6)
+    assert terms["pointwise"].item() == pytest.approx(1.5) and terms["hinge"].item() == pytest.approx(0.3)
+    assert terms["active"].item() == pytest.approx(3 / 6)
+    # own hard negatives: q1 ranks a (NLL 0.8) above A (1.0): wrong; q2 ranks B (2.0) above b (2.2): right
+    assert terms["accuracy"].item() == pytest.approx(0.5)
+    # dL/ds: a positive gets -1/2 (mean NLL over 2 queries) - 1/6 per active hinge (mean over 6 negatives);
+    # a negative +1/6 when its hinge is active, else 0
     loss.backward()
     grad = dict(zip(pairs[0], scored[0].grad.tolist()))
-    expected = {("q1", "A"): -0.75, ("q1", "a"): 0.25, ("q1", "B"): 0.0,
-                ("q2", "B"): -0.75, ("q2", "b"): 0.25, ("q2", "A"): 0.0}
+    expected = {("q1", "A"): -0.5 - 1 / 6, ("q1", "a"): 1 / 6, ("q1", "B"): 0.0, ("q1", "b"): 0.0,
+                ("q2", "B"): -0.5 - 2 / 6, ("q2", "b"): 1 / 6, ("q2", "A"): 0.0, ("q2", "a"): 1 / 6}
     assert grad == pytest.approx(expected, abs=1e-6)
 
 
 def test_batch_pairs_counts_each_negative_once():
     # q1's hard negative is q2's positive B, and q3 shares q1's positive A: B must be one negative of
     # q1, not two, and A is a positive of q3 (never its own negative) and not a negative of q1 either.
+    # Every query also meets the other queries' hard negatives (b, c) as in-batch negatives.
     batch = [TrainExample("q1", "A", "B"), TrainExample("q2", "B", "b"), TrainExample("q3", "A", "c")]
-    assert qpeft.batch_pairs(batch) == [(0, "A", True), (0, "B", False),
-                                        (1, "B", True), (1, "A", False), (1, "b", False),
-                                        (2, "A", True), (2, "B", False), (2, "c", False)]
+    assert qpeft.batch_pairs(batch) == [
+        (0, "A", "positive"), (0, "B", "hard"), (0, "b", "in-batch"), (0, "c", "in-batch"),
+        (1, "B", "positive"), (1, "A", "in-batch"), (1, "b", "hard"), (1, "c", "in-batch"),
+        (2, "A", "positive"), (2, "B", "in-batch"), (2, "b", "in-batch"), (2, "c", "hard")]
 
 
 def test_batch_loss_uses_the_right_prefix_rows(tiny):
@@ -275,13 +281,13 @@ def test_batch_loss_uses_the_right_prefix_rows(tiny):
     tokens = TokenIds(queries={k: tokenizer.encode(v) for k, v in texts.items() if k.startswith("q")},
                       passages={k: tokenizer.encode(v) for k, v in texts.items() if not k.startswith("q")})
     with torch.no_grad():
-        loss = batch_loss(llm, template, reranker, [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")],
-                          tokens, margin=0.3)
+        loss, _ = batch_loss(llm, template, reranker, [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")],
+                             tokens, margin=0.3)
         nll = {(q, d): -naive_score(llm, template, reranker, tokens.queries[q], tokens.passages[d]).item()
                for q in ("q1", "q2") for d in ("A", "a", "B", "b")}
-    hinges = [max(0.0, nll["q1", "A"] - nll["q1", d] + 0.3) for d in ("B", "a")] + \
-             [max(0.0, nll["q2", "B"] - nll["q2", d] + 0.3) for d in ("A", "b")]
-    expected = (nll["q1", "A"] + nll["q2", "B"]) / 2 + sum(hinges) / 4
+    hinges = [max(0.0, nll["q1", "A"] - nll["q1", d] + 0.3) for d in ("B", "a", "b")] + \
+             [max(0.0, nll["q2", "B"] - nll["q2", d] + 0.3) for d in ("A", "a", "b")]
+    expected = (nll["q1", "A"] + nll["q2", "B"]) / 2 + sum(hinges) / 6
     assert loss.item() == pytest.approx(expected, abs=1e-4)
 
 
@@ -307,31 +313,124 @@ def small_training_set(tokenizer):
     return train, train[:2], tokens
 
 
+def dev_record(value):
+    """What dev_check returns, with `value` as the selection measure (the loss terms do not matter here)."""
+    return {"dev_loss": 1.0, "pointwise": 1.0, "hinge": 0.0, "active": 0.0, "accuracy": 0.5,
+            qpeft.SELECT_ON: value, "success_5": value}
+
+
+def tiny_dev_set(dev_examples):
+    return qpeft.DevSet("dev", [dev_examples], {"t1": ["p1", "n1"]}, {"t1": {"p1": 2.0, "n1": 1.0}},
+                        {"t1": {"p1": 1}}, 1)
+
+
+def expected_gradient_rows(method, reranker, llm, template, batch, tokens):
+    """The E' rows one training batch reaches: the hint wrapper's ids and, for qpeft-a, the query tokens
+    (attention queries); for qpeft-r, the top-k passage tokens selected for each pair (not the query's,
+    which only rank candidates, without a gradient)."""
+    rows = set(template.hints_open + template.hints_close)
+    for i, docid, _ in qpeft.batch_pairs(batch):
+        query = tokens.queries[batch[i].qid]
+        rows |= set(query) if method == "qpeft-a" else \
+            set(select_top_k(reranker, llm, query, tokens.passages[docid], reranker.cfg.top_k))
+    return rows
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("method", ["prompt", "qpeft-r", "qpeft-a"])
-def test_one_training_step_changes_only_the_module(tiny, tmp_path, monkeypatch, method):
+def test_one_training_step_moves_exactly_what_has_a_gradient(tiny, tmp_path, monkeypatch, method, weight_decay):
+    """After one step: the frozen LLM is bit-identical; the MLP, the attention and the soft prompt moved;
+    in E' exactly the rows of the batch's hint (and, for qpeft-a, query) tokens moved. With weight decay
+    0 a tensor moves only through its gradient; with decay, E' must still keep its other rows (no
+    decay on E')."""
     llm, tokenizer, template = tiny
     train_examples, dev_examples, tokens = small_training_set(tokenizer)
     llm_before = {k: v.clone() for k, v in llm.state_dict().items()}
     reranker = Reranker(QPEFTConfig(method=method, top_k=4), llm, template)
     module_before = {k: v.detach().clone() for k, v in qpeft.trainable_state(reranker).items()}
-    tc = TrainConfig(steps=1, queries_per_batch=2, eval_every=1, dev_queries=2)
-    messages = []
-    # train() keeps the module with the best dev loss, the untrained one included: make step 1 the best
-    dev_losses = iter([2.0, 1.0])
-    monkeypatch.setattr(qpeft, "dev_loss_of", lambda *args: next(dev_losses))
-    reranker, state = qpeft.train(llm, template, reranker, train_examples, dev_examples, tokens, tc, tmp_path,
-                                  messages.append)
-    assert state["step"] == 1 and state["best_step"] == 1 and "step 1 train loss" in messages[-2]
-    # the frozen LLM: bit-identical, and never given a gradient
+    # margin 100: every hinge is active, so every pair's hint tokens get a gradient (with margin 0, a
+    # negative scored far below its positive passes none back)
+    tc = TrainConfig(steps=1, queries_per_batch=2, eval_every=1, weight_decay=weight_decay, margin=100.0)
+    batch = qpeft.data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=0)[0]
+    if method != "prompt":
+        rows = expected_gradient_rows(method, reranker, llm, template, batch, tokens)
+    checks = iter([0.1, 0.2])  # the step beats the untrained module on dev, so it is kept
+    monkeypatch.setattr(qpeft, "dev_check", lambda *args: dev_record(next(checks)))
+    reranker, state = qpeft.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens, tc,
+                                  tmp_path, lambda message: None)
+    assert state["step"] == 1 and state["best_step"] == 1
     for name, tensor in llm.state_dict().items():
         assert torch.equal(tensor, llm_before[name]), name
     assert all(not p.requires_grad and p.grad is None for p in llm.parameters())
-    # every trainable tensor of the module moved (AdamW's decoupled weight decay moves even rows without a gradient)
     after = qpeft.trainable_state(reranker)
     assert after.keys() == module_before.keys() and after
     for name, tensor in after.items():
         assert tensor.dtype == torch.float32
-        assert not torch.equal(tensor, module_before[name]), f"{method}: {name} did not change"
+        if name == "hint_embeddings.weight":
+            moved = (tensor != module_before[name]).any(dim=1).nonzero()[:, 0].tolist()
+            assert set(moved) == rows, f"{method}: E' rows moved {sorted(moved)}, expected {sorted(rows)}"
+        elif name == "soft_prompt":  # every one of its vectors
+            assert (tensor != module_before[name]).any(dim=1).all()
+        else:  # the MLP and the attention (not every entry: the key bias cannot change a softmax)
+            assert (tensor != module_before[name]).any(), f"{method}: {name}"
+
+
+def test_training_keeps_the_module_of_the_best_dev_check(tiny, tmp_path, monkeypatch):
+    """Selection by hand: dev values 0.5 (untrained), 0.9, 0.2, 0.3 at steps 0-3 keep step 1's weights."""
+    llm, tokenizer, template = tiny
+    train_examples, dev_examples, tokens = small_training_set(tokenizer)
+    reranker = Reranker(QPEFTConfig(method="qpeft-a"), llm, template)
+    values, seen = iter([0.5, 0.9, 0.2, 0.3]), []
+
+    def fake_dev_check(llm, template, module, *args):
+        seen.append({k: v.detach().clone() for k, v in qpeft.trainable_state(module).items()})
+        return dev_record(next(values))
+    monkeypatch.setattr(qpeft, "dev_check", fake_dev_check)
+    tc = TrainConfig(steps=3, queries_per_batch=2, eval_every=1, patience=5)
+    messages = []
+    reranker, state = qpeft.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens, tc,
+                                  tmp_path, messages.append)
+    assert state["best_step"] == 1 and state["step"] == 3 and len(seen) == 4
+    kept = qpeft.trainable_state(reranker)
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, seen[1][name]) and not torch.equal(tensor, seen[3][name]), name
+    assert [h[qpeft.SELECT_ON] for h in state["history"]] == [0.5, 0.9, 0.2, 0.3]
+    assert "keeping the module of step 1" in messages[-1]
+    # when no step beats the untrained module, the log says so plainly
+    values = iter([0.5, 0.4])
+    reranker = Reranker(QPEFTConfig(method="qpeft-a"), llm, template)
+    _, state = qpeft.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens,
+                           TrainConfig(steps=1, queries_per_batch=2, eval_every=1), tmp_path, messages.append)
+    assert state["best_step"] == 0 and "no training step beat the untrained module" in messages[-1]
+
+
+def test_dev_check_runs_without_dropout(tiny):
+    """A module in training mode with heavy attention dropout: two dev checks agree exactly, because
+    dev_check switches dropout off (and leaves the module in eval mode)."""
+    llm, tokenizer, template = tiny
+    _, dev_examples, tokens = small_training_set(tokenizer)
+    reranker = make_reranker("qpeft-a", llm, template, dropout=0.5)
+    reranker.train()
+    first = qpeft.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens)
+    reranker.train()
+    assert qpeft.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens) == first
+    assert not reranker.training
+
+
+@pytest.mark.parametrize("method", ["qpeft-r", "qpeft-a"])
+def test_hint_block_is_mlp_of_linear_relu_linear(tiny, method):
+    """H = W2 relu(W1 x + b1) + b2 on every hint vector x, checked on the wrapper tokens E'("hints: ")."""
+    llm, tokenizer, template = tiny
+    reranker = make_reranker(method, llm, template, top_k=3)
+    query, passage = tokenizer.encode(QUERIES[0]), tokenizer.encode(PASSAGES[0])
+    with torch.no_grad():
+        h = reranker.hint_block(llm, template, [query], [passage])[0]
+        x = reranker.embed_hint_ids(llm, torch.tensor(template.hints_open))
+        first, last = reranker.mlp[0], reranker.mlp[-1]
+        pre = x @ first.weight.T + first.bias
+        assert (pre < 0).any()  # the ReLU has something to cut
+        expected = pre.clamp(min=0) @ last.weight.T + last.bias
+    assert torch.allclose(h[:len(template.hints_open)], expected, atol=1e-5)
 
 
 # ---- a saved module gives identical scores --------------------------------------------------
@@ -452,6 +551,32 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
     again, before = ir.read_run(out2 / "qpeft-a.test.trec"), ir.read_run(out / "qpeft-a.test.trec")
     for q in before:  # the reloaded module reproduces the trained run's scores
         assert again[q] == pytest.approx(before[q], abs=1e-6)
+
+
+def test_seeds_are_averaged_per_query(tiny_dir, tmp_path):
+    """--seeds 2: two trained runs with their own files; the row is their mean, the SD is over the two
+    runs' means, and the paired test runs on the per-query mean over seeds against zero-shot."""
+    data_dir, out = write_beir(tmp_path / "beir", ["train", "dev", "test"]), tmp_path / "out"
+    qpeft.main(["--data", str(data_dir), "--model", str(tiny_dir), "--dtype", "float32", "--depth", "3",
+                "--methods", "zeroshot,qpeft-a", "--steps", "2", "--eval-every", "1", "--queries-per-batch", "2",
+                "--dev-queries", "2", "--seeds", "2", "--seed", "5", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    qrels = {q: {d: g for qq, d, g in QRELS["test"] if qq == q} for q, _, _ in QRELS["test"]}
+    ndcg = {}
+    for name in ("zeroshot", "qpeft-a-seed5", "qpeft-a-seed6"):
+        run = ir.read_run(out / f"{name}.test.trec")
+        ndcg[name] = {q: v["ndcg_cut_10"] for q, v in ir.evaluate(qrels, run, ["ndcg_cut_10"], 1).items()}
+    assert metrics["qpeft-a-seed5"]["training"]["seed"] == 5 and metrics["qpeft-a-seed6"]["training"]["seed"] == 6
+    row = metrics["qpeft-a"]["test"]
+    assert row["runs"] == ["qpeft-a-seed5", "qpeft-a-seed6"] and len(row["best_steps"]) == 2
+    means = [sum(ndcg[n].values()) / 2 for n in row["runs"]]
+    assert row["ndcg_cut_10"] == pytest.approx(sum(means) / 2)
+    assert row["sd"]["ndcg_cut_10"] == pytest.approx(abs(means[0] - means[1]) / 2 ** 0.5)
+    per_query_mean = {q: (ndcg["qpeft-a-seed5"][q] + ndcg["qpeft-a-seed6"][q]) / 2 for q in ndcg["zeroshot"]}
+    delta, _, p = ir.paired_t_test(ndcg["zeroshot"], per_query_mean)
+    assert row["ndcg_cut_10_delta_zeroshot"] == pytest.approx(delta)
+    assert row["ndcg_cut_10_p_zeroshot"] == pytest.approx(p, nan_ok=True)
+    assert "qpeft-a        2" in (out / "log.txt").read_text()
 
 
 # ---- --resume continues an interrupted run --------------------------------------------------
