@@ -654,17 +654,19 @@ def pick(dataclass_type, args):
 
 
 def make_dev_set(dataset, tc):
-    """The dev queries a training run is checked on: the first `dev_queries` usable ones of the
-    completely judged split where there is one (dev.graded), else of dev."""
+    """The dev queries a training run is checked on: the first `dev_queries` of the completely
+    judged split where there is one (dev.graded), else of dev; the loss terms use those of them
+    that have a positive and a hard negative."""
     if "dev" not in dataset.splits:
         raise SystemExit(f"qpeft.py: error: {dataset.path} has no dev split (qrels/dev.tsv), "
                          f"needed for early stopping; use --eval-only to rerank with a trained module")
     split = "dev.graded" if "dev.graded" in dataset.splits else "dev"
-    examples = data.training_examples(dataset, split, seed=0)[:tc.dev_queries]
-    first_stage = {e.qid: dataset.first_stage(split, 1000)[e.qid] for e in examples}
+    first_stage = dataset.first_stage(split, 1000)
+    qids = [q for q in dataset.qrels[split] if first_stage[q]][:tc.dev_queries]
+    examples = [e for e in data.training_examples(dataset, split, seed=0) if e.qid in qids]
     return DevSet(split, data.train_batches(examples, tc.queries_per_batch, seed=0),
-                  {q: list(docs)[:tc.dev_depth] for q, docs in first_stage.items()}, first_stage,
-                  {q: dataset.qrels[split][q] for q in first_stage}, dataset.relevance_level(split))
+                  {q: list(first_stage[q])[:tc.dev_depth] for q in qids}, {q: first_stage[q] for q in qids},
+                  {q: dataset.qrels[split][q] for q in qids}, dataset.relevance_level(split))
 
 
 def run_name(method, seed, seeds):
@@ -732,7 +734,8 @@ def main(argv=None):
         first = train_examples[seeds[0]]
         sources = ", ".join(f"{n} {k}" for k, n in Counter(e.negative_source for e in first).items())
         log(f"train: {len(first)} queries, hard negatives from: {sources} (data.hard_negative_pool); "
-            f"dev: {len(dev_examples)} queries of {dev.split}, depth {tc.dev_depth}, chosen on dev {SELECT_ON}")
+            f"dev: {len(dev.candidates)} queries of {dev.split} (depth {tc.dev_depth}; {len(dev_examples)} with a "
+            f"positive and a hard negative for the loss terms), modules chosen on dev {SELECT_ON}")
         zeroshot_dev = dev_check(llm, template, Reranker(QPEFTConfig(method="zeroshot"), llm, template), dev,
                                  tc.margin, tokens)
         log(f"zeroshot: {dev_line(zeroshot_dev)} (the dev reference)")
