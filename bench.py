@@ -27,7 +27,7 @@ import torch
 
 import data
 import qpeft
-from model import find_asset, load
+from model import default_dtype, find_asset, load
 
 TOKEN_BUDGET = 4096  # prompt tokens per scoring batch: qpeft.py's --token-budget default, for every path below
 
@@ -71,8 +71,11 @@ def main():
     p.add_argument("--depth", type=int, default=20, help="candidates per query")
     p.add_argument("--train-steps", type=int, default=4, help="training steps timed per path")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement; the best counts")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto: bfloat16 where the CPU has native bf16 matmuls, else float32")
     args = p.parse_args()
+    if args.dtype == "auto":
+        args.dtype = str(default_dtype())[len("torch."):]
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
 

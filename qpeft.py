@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import data
 import eval as ir
-from model import load
+from model import default_dtype, load
 
 METHODS = ("zeroshot", "prompt", "qpeft-r", "qpeft-a")
 
@@ -615,7 +615,8 @@ def parse_args(argv):
     p.add_argument("--checkpoint", help="saved module(s), comma-separated (.safetensors, each with its .json beside it)")
     p.add_argument("--eval-only", action="store_true", help="rerank with --checkpoint, no training")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="LLM compute dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="LLM compute dtype; auto: bfloat16 where the CPU has native bf16 matmuls, else float32")
     p.add_argument("--token-budget", type=int, default=4096, help="prompt tokens per scoring batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks for reranking "
                    "(0.85-1.30x eager's scoring speed in bench runs on a 2-core CPU; the 15-30 s of compiling counts in pairs/s; "
@@ -684,12 +685,12 @@ def main(argv=None):
         with open(out / "log.txt", "a", encoding="utf-8") as f:
             f.write(message + "\n")
 
-    dtype = getattr(torch, args.dtype)
+    dtype = default_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
     start = run_start = time.perf_counter()
     llm, tokenizer = load(args.model, dtype=dtype)
     log(f"$ python qpeft.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     log(f"model {args.model}: {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M frozen parameters, "
-        f"{args.dtype}, cpu x {torch.get_num_threads()} threads, loaded in {time.perf_counter() - start:.1f} s")
+        f"{str(dtype)[len('torch.'):]}, cpu x {torch.get_num_threads()} threads, loaded in {time.perf_counter() - start:.1f} s")
     dataset = data.load_dataset(args.data)
     base_cfg = pick(QPEFTConfig, args)
     tc = pick(TrainConfig, args)
