@@ -75,7 +75,7 @@ def main():
                    help="auto: bfloat16 where the CPU has native bf16 matmuls, else float32")
     args = p.parse_args()
     if args.dtype == "auto":
-        args.dtype = str(default_dtype())[len("torch."):]
+        args.dtype = str(default_dtype(torch.device("cpu")))[len("torch."):]
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
 

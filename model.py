@@ -140,7 +140,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, bias, past_kv, packing):
+    def forward(self, x, cos, sin, mask, past_kv, packing):
         N, hd = x.shape[0], self.head_dim
         q = apply_rope(self.wq(x).view(N, self.n_heads, hd), cos, sin)             # (N, H, hd) real tokens only
         k = apply_rope(self.wk(x).view(N, self.n_kv_heads, hd), cos, sin)          # (N, Hkv, hd)
@@ -150,19 +150,35 @@ class Attention(nn.Module):
         if past_kv is not None:  # attend to an earlier prefix's keys/values first (batch 1: shared by all rows)
             k = torch.cat([past_kv[0].expand(packing.B, -1, -1, -1), k], dim=2)     # (B, Hkv, S, hd), S = S_past + T
             v = torch.cat([past_kv[1].expand(packing.B, -1, -1, -1), v], dim=2)
-        y = attend(q, k, v, bias)                                                   # (B, T, H * hd)
+        y = attend(q, k, v, mask)                                                   # (B, T, H * hd)
         return self.wo(packing.pack(y)), (k, v)                                     # (N, D), keys/values of all S
 
 
 ATTENTION_BLOCK = 32  # query positions per block in `attend`
 
 
-def attend(q, k, v, bias):
-    """Causal softmax attention of q (B, T, H, hd), the last T of S positions, over k, v
-    (B, Hkv, S, hd), with an additive bias (B*Hkv or 1, T*G, S) of 0 (may attend) and -inf (may
-    not), G = H // Hkv, laid out by `stacked_bias` once per forward pass. Returns (B, T, H*hd).
+def use_sdpa(device):
+    """The attention kernel per device: F.scaled_dot_product_attention (fused flash / memory-
+    efficient kernels) on GPUs, the written-out blocks of `attend` on the CPU, where SDPA ran 2.3x
+    slower at our shapes."""
+    return device.type != "cpu"
 
-    Grouped-query attention without copying keys: query head h reads KV head h // G, so the G
+
+def attention_mask(allowed, n_heads, n_kv_heads, dtype):
+    """`attend`'s mask for (B or 1, T, S) booleans (True: may attend), built once per forward pass:
+    for SDPA the booleans as (B or 1, 1, T, S), for the CPU blocks `stacked_bias`."""
+    if use_sdpa(allowed.device):
+        return allowed[:, None]
+    return stacked_bias(allowed, n_heads, n_kv_heads, dtype)
+
+
+def attend(q, k, v, mask):
+    """Causal softmax attention of q (B, T, H, hd), the last T of S positions, over k, v
+    (B, Hkv, S, hd), with `mask` from attention_mask. Returns (B, T, H*hd).
+
+    On GPUs: SDPA, query head h reading KV head h // G (G = H // Hkv) without copying keys.
+    On the CPU the mask is an additive bias (B*Hkv or 1, T*G, S) of 0 (may attend) and -inf (may
+    not), and grouped-query attention is written out without copying keys: query head h reads KV head h // G, so the G
     query heads of a group are stacked along the row axis (row t*G + g) and one batched matmul
     serves them all; baddbmm adds the bias and the 1/sqrt(hd) scale inside that matmul.
     Causal: query position t never sees keys after S - T + t, so the rows go in blocks of
@@ -172,6 +188,10 @@ def attend(q, k, v, bias):
     2-core CPU in bf16. torch.softmax computes in fp32 and rounds its output to q's dtype.
     """
     B, T, H, hd = q.shape
+    if use_sdpa(q.device):
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+        return y.transpose(1, 2).reshape(B, T, H * hd)                            # (B, T, H*hd)
+    bias = mask
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     rows = q.view(B, T, Hkv, G, hd).transpose(1, 2).reshape(B * Hkv, T * G, hd)  # (B*Hkv, T*G, hd)
@@ -200,21 +220,28 @@ def stacked_bias(allowed, n_heads, n_kv_heads, dtype):
 
 
 class Packing:
-    """The real tokens of a right-padded (B, T) batch. The linear layers, norms and RoPE see only
-    these N tokens, packed as (N, ...), so that padding costs no FLOPs (10 % of a length-bucketed
-    bench batch); attention needs the padded (B, T, heads, hd) layout. Pads hold zeros there, not
-    uninitialised memory: a masked key still meets its value in `weights @ v`, and 0 * NaN is NaN."""
+    """The real tokens of a right-padded (B, T) batch. On the CPU the linear layers, norms and RoPE
+    see only these N tokens, packed as (N, ...), so that padding costs no FLOPs (10 % of a
+    length-bucketed bench batch); attention needs the padded (B, T, heads, hd) layout. Pads hold
+    zeros there, not uninitialised memory: a masked key still meets its value in `weights @ v`,
+    and 0 * NaN is NaN. On GPUs every position is computed (N = B*T): finding the real tokens
+    (nonzero) would wait for the device at every batch; pads then hold finite values that every
+    mask hides."""
 
     def __init__(self, mask):
         self.B, self.T = mask.shape
-        self.real = mask.flatten().nonzero()[:, 0]                                # (N,) flat indices into B*T
+        # (N,) flat indices into B*T, or None: all positions
+        self.real = mask.flatten().nonzero()[:, 0] if mask.device.type == "cpu" else None
 
     def pack(self, t):
         """(B, T, ...) -> (N, ...)."""
-        return t.reshape(self.B * self.T, *t.shape[2:])[self.real]
+        flat = t.reshape(self.B * self.T, *t.shape[2:])
+        return flat if self.real is None else flat[self.real]
 
     def pad(self, t):
-        """(N, ...) -> (B, T, ...), zeros at the pads."""
+        """(N, ...) -> (B, T, ...), zeros at the pads (on the CPU)."""
+        if self.real is None:
+            return t.view(self.B, self.T, *t.shape[1:])
         padded = t.new_zeros(self.B * self.T, *t.shape[1:]).index_copy(0, self.real, t)
         return padded.view(self.B, self.T, *t.shape[1:])
 
@@ -238,9 +265,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, bias, past_kv, packing):
+    def forward(self, x, cos, sin, mask, past_kv, packing):
         """x (N, D): the batch's real tokens, packed; see Packing."""
-        a, kv = self.attention(self.attention_norm(x), cos, sin, bias, past_kv, packing)
+        a, kv = self.attention(self.attention_norm(x), cos, sin, mask, past_kv, packing)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -298,7 +325,7 @@ class Transformer(nn.Module):
         """Final-normed hidden states (B, T, D) of input embeddings x (B, T, D) at `positions` (B, T).
 
         `mask` (B, T) is True on real tokens (default: all); x must be right-padded. Pads cost
-        nothing (see Packing) and come out as zeros. Without `past`, attention is causal over x
+        nothing on the CPU (see Packing) and come out as zeros there. Without `past`, attention is causal over x
         alone. With `past` (one (k, v) per layer, each (B or 1, Hkv, S, hd), as returned by an
         earlier call; batch 1 is shared by all B rows) the rows also attend to the S cached
         positions where `past_mask` (B, S) is True (default: all of them). Returns (hidden, kv)
@@ -316,10 +343,10 @@ class Transformer(nn.Module):
             seen = torch.ones(1, T, past[0][0].shape[2], dtype=torch.bool, device=x.device) \
                 if past_mask is None else past_mask[:, None, :].expand(-1, T, -1)      # (B or 1, T, S_past)
             allowed = torch.cat([seen, allowed.expand(len(seen), -1, -1)], dim=-1)  # (B or 1, T, S_past + T)
-        bias = stacked_bias(allowed, self.cfg.n_heads, self.cfg.n_kv_heads, x.dtype)
+        attn_mask = attention_mask(allowed, self.cfg.n_heads, self.cfg.n_kv_heads, x.dtype)
         kvs = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, bias, None if past is None else past[i], packing)
+            x, kv = layer(x, cos, sin, attn_mask, None if past is None else past[i], packing)
             kvs.append(kv)
         return packing.pad(self.norm(x)), kvs
 
@@ -399,11 +426,15 @@ def reuse_freed_memory():
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)                # and keep up to 1 GB of freed heap mapped
 
 
-def default_dtype():
-    """bfloat16 where this CPU multiplies it natively (AVX-512 BF16 or AMX: 4x fp32 there), else
-    float32: without them PyTorch emulates bf16 matmuls, measured 0.9 GFLOP/s against fp32's 123
-    on a 2-core AVX2 EPYC."""
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+def default_dtype(device=torch.device("cpu")):
+    """bfloat16 on CUDA GPUs that support it and on CPUs that multiply it natively (AVX-512 BF16
+    or AMX: 4x fp32 there), else float32: without them PyTorch emulates bf16 matmuls on the CPU,
+    measured 0.9 GFLOP/s against fp32's 123 on a 2-core AVX2 EPYC. MPS: float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def load(name_or_path, dtype=torch.float32, device="cpu"):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -75,6 +76,54 @@ class TokenIds:
     id strings (passage 1072603 and query 1072603 both exist), so one shared table would mix them."""
     passages: dict  # docid -> ids of " {passage}", cut to max_passage_tokens
     queries: dict   # qid -> ids of "{query}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and torchrun: one process per device, PyTorch's DistributedDataParallel
+# ---------------------------------------------------------------------------------------------
+def rank():
+    """This process's rank under torchrun (0 when run alone): rank 0 logs and writes every file."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def setup_device(name):
+    """The device of this process for --device auto|cpu|cuda|cuda:N|mps (auto: cuda when there
+    is one). Under torchrun (WORLD_SIZE > 1) also joins the process group: nccl between GPUs,
+    gloo on CPUs; each process of a node takes GPU LOCAL_RANK. Errors name the flag."""
+    processes, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"qpeft.py: error: --device {name}: no CUDA device is visible")
+        if processes > 1:
+            if name != "cuda":
+                raise SystemExit(f"qpeft.py: error: --device {name}: under torchrun each process takes "
+                                 f"cuda:LOCAL_RANK; pass --device cuda")
+            if local >= torch.cuda.device_count():
+                raise SystemExit(f"qpeft.py: error: --device cuda: local rank {local} but only "
+                                 f"{torch.cuda.device_count()} GPUs on this node (use --nproc_per_node "
+                                 f"{torch.cuda.device_count()} or fewer)")
+            name = f"cuda:{local}"
+        torch.cuda.set_device(torch.device(name))
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("qpeft.py: error: --device mps: MPS is not available")
+    if processes > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+    return torch.device(name)
+
+
+def gather(value):
+    """[value of rank 0, value of rank 1, ...] on every rank (picklable values; [value] alone)."""
+    if world() == 1:
+        return [value]
+    values = [None] * world()
+    dist.all_gather_object(values, value)
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +181,13 @@ class Reranker(nn.Module):
                 nn.init.zeros_(self.mlp[2].weight), nn.init.zeros_(self.mlp[2].bias)
         if cfg.method == "qpeft-a":
             self.attention = nn.MultiheadAttention(D, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.to(E.device)  # on the LLM's device, in fp32
+
+    def forward(self, llm, template, batch, tokens, margin):
+        """The training loss of this process's share of `batch` and its diagnostics (batch_loss).
+        Training calls the module (so DistributedDataParallel, under torchrun, can average the
+        gradients over processes); scoring calls hint_block directly."""
+        return batch_loss(llm, template, self, batch, tokens, margin, share=(rank(), world()))
 
     def trainable_parameters(self):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -146,11 +202,15 @@ class Reranker(nn.Module):
         """H for each pair: a list of (h_i, D) float32 tensors. queries/passages: lists of id lists."""
         dev = llm.tok_embeddings.weight.device
         if self.cfg.method == "qpeft-r":
+            ids, counts = select_top_k(self, llm, queries, passages, self.cfg.top_k)   # (N, k), (N,)
+            opening = torch.tensor(template.hints_open, device=dev).expand(len(ids), -1)
+            closing = torch.tensor(template.hints_close, device=dev).expand(len(ids), -1)
+            rows = torch.cat([opening, ids, closing], dim=1)                        # (N, o + k + c)
+            real = torch.arange(rows.shape[1], device=dev) < opening.shape[1] + counts[:, None]
+            real[:, -closing.shape[1]:] = True                                      # (N, o + k + c)
             # One E' lookup for all pairs: the backward of every lookup writes a dense (V, D) gradient.
-            rows = [template.hints_open + select_top_k(self, llm, q, p, self.cfg.top_k) + template.hints_close
-                    for q, p in zip(queries, passages)]
-            x = self.embed_hint_ids(llm, torch.tensor([i for r in rows for i in r], device=dev))   # (sum h_i, D)
-            lengths = [len(r) for r in rows]
+            x = self.embed_hint_ids(llm, rows[real])                                # (sum h_i, D)
+            lengths = real.sum(1).tolist()
         else:  # keys/values: the passage's tokens only (the official code used its whole template row)
             q_ids, _ = pad_ids(queries, dev)                                        # (N, Lq)
             p_ids, p_mask = pad_ids(passages, dev)                                  # (N, Ld)
@@ -168,28 +228,29 @@ class Reranker(nn.Module):
 
 
 @torch.no_grad()
-def select_top_k(reranker, llm, query_ids, passage_ids, k):
-    """Q-PEFT-R's hint tokens: the k distinct passage token ids most similar to any query token.
+def select_top_k(reranker, llm, queries, passages, k):
+    """Q-PEFT-R's hint tokens for a batch of pairs: for each, the k distinct passage token ids most
+    similar to any query token. Returns ids (N, k') and counts (N,), k' = min(k, longest passage):
+    row i's hint ids are ids[i, :counts[i]].
 
     Similarity is the cosine between E'(query token) and E(passage token); a token id scores the
-    max over query tokens and over the positions where it occurs; ties go to the earlier position.
-    Only passage tokens are candidates (the official code also admitted the template's words,
-    "Passage", ":" ..., a deviation on purpose), and a passage with fewer than k distinct tokens
-    gives a shorter H (no random resampling as in the official code)."""
+    max over query tokens (the same at every position where it occurs: one E row); ties go to the
+    earlier position. Only passage tokens are candidates (the official code also admitted the
+    template's words, "Passage", ":" ..., a deviation on purpose), and a passage with fewer than k
+    distinct tokens gives a shorter H (no random resampling as in the official code). Batched and
+    on the device: no per-pair loop waits for the host."""
     dev = llm.tok_embeddings.weight.device
-    q_ids = torch.tensor(query_ids, dtype=torch.long, device=dev)                # long even when empty
-    p_ids = torch.tensor(passage_ids, dtype=torch.long, device=dev)
-    q = F.normalize(reranker.embed_hint_ids(llm, q_ids), dim=-1)                 # (Lq, D)
-    p = F.normalize(llm.tok_embeddings(p_ids).float(), dim=-1)                  # (Ld, D)
-    best = (q @ p.T).max(dim=0).values                                          # (Ld,) best query match per position
-    order = torch.sort(best, descending=True, stable=True).indices.tolist()     # stable: earlier position first
-    chosen = []
-    for position in order:
-        if passage_ids[position] not in chosen:
-            chosen.append(passage_ids[position])
-            if len(chosen) == k:
-                break
-    return chosen
+    q_ids, q_mask = pad_ids(queries, dev)                                       # (N, Lq)
+    p_ids, p_mask = pad_ids(passages, dev)                                      # (N, Ld)
+    q = F.normalize(reranker.embed_hint_ids(llm, q_ids), dim=-1)                # (N, Lq, D)
+    p = F.normalize(llm.tok_embeddings(p_ids).float(), dim=-1)                  # (N, Ld, D)
+    similarity = (q @ p.transpose(1, 2)).masked_fill(~q_mask[:, :, None], -torch.inf)  # (N, Lq, Ld)
+    best = similarity.max(dim=1).values if q_ids.shape[1] else torch.zeros_like(p_ids, dtype=q.dtype)
+    repeated = (p_ids[:, :, None] == p_ids[:, None, :]).tril(-1).any(-1)        # (N, Ld): id seen earlier
+    candidate = p_mask & ~repeated                                              # (N, Ld): first occurrences
+    order = torch.sort(best.masked_fill(~candidate, -torch.inf), dim=1, descending=True,  # stable: earlier
+                       stable=True).indices[:, :k]                              # (N, k') position first
+    return p_ids.gather(1, order), candidate.sum(1).clamp(max=k)
 
 
 def pad_ids(lists, device, pad=0):
@@ -315,37 +376,54 @@ def batch_pairs(batch):
     return pairs
 
 
-def ranking_loss(scores, pairs, margin):
+def ranking_loss(scores, pairs, margin, counts=None):
     """L = mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin), NLL = -score (a mean
     per token, so the margin is on a per-token scale, as in the official code). Returns L and its
     diagnostics: the two terms, the share of active hinges, and the pairwise accuracy (positive
-    above the query's own hard negative)."""
+    above the query's own hard negative). `counts` (queries, negatives, hard pairs of the whole
+    batch; default: these pairs') divide the sums, so that the values of the processes that
+    share a batch add up to the whole batch's."""
     nll = -scores                                                               # (N,)
     kind = [k for _, _, k in pairs]
+    counts = counts or batch_counts(pairs)
     is_pos = torch.tensor([k == "positive" for k in kind], device=nll.device)
     query = torch.tensor([i for i, _, _ in pairs], device=nll.device)
-    nll_pos = torch.zeros(int(query.max()) + 1, device=nll.device)
-    nll_pos = nll_pos.index_copy(0, query[is_pos], nll[is_pos])                # (B,)
+    nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=nll.device)
+    nll_pos = nll_pos.index_copy(0, query[is_pos], nll[is_pos])                # (B,) 0 for others'
     gap = nll_pos[query[~is_pos]] - nll[~is_pos]                                # (N - B,) > 0: wrong order
     hinge = F.relu(gap + margin)
     hard = torch.tensor([k == "hard" for k in kind], device=nll.device)[~is_pos]
-    terms = {"pointwise": nll_pos.mean(), "hinge": hinge.mean(), "active": (hinge > 0).float().mean(),
-             "accuracy": (gap[hard] < 0).float().mean()}
+    queries, negatives, hard_pairs = counts
+    terms = {"pointwise": nll_pos.sum() / queries, "hinge": hinge.sum() / negatives,
+             "active": (hinge > 0).sum() / negatives, "accuracy": (gap[hard] < 0).sum() / max(hard_pairs, 1)}
     return terms["pointwise"] + terms["hinge"], terms
 
 
-def batch_loss(llm, template, reranker, batch, tokens, margin):
+def batch_counts(pairs):
+    """(queries, negative pairs, hard-negative pairs) of a list of pairs."""
+    kinds = Counter(k for _, _, k in pairs)
+    return kinds["positive"], kinds["hard"] + kinds["in-batch"], kinds["hard"]
+
+
+def batch_loss(llm, template, reranker, batch, tokens, margin, share=(0, 1)):
     """The loss of one batch (and its diagnostics) through the fast path: each passage's
-    keys/values computed once."""
-    docids = sorted({e.positive_docid for e in batch} | {e.hard_negative_docid for e in batch})
+    keys/values computed once. With share (r, n), only the pairs of queries r, r + n, ... (process
+    r of n under torchrun), each with the whole batch's negatives, and the sums divided by the
+    whole batch's counts: the n shares add up to the whole batch's loss."""
+    pairs = batch_pairs(batch)
+    counts = batch_counts(pairs)
+    pairs = [p for p in pairs if p[0] % share[1] == share[0]]
+    if not pairs:  # more processes than queries: a zero loss that still reaches every parameter
+        zero = sum(p.sum() for p in reranker.parameters() if p.requires_grad) * 0.0
+        return zero, {k: zero.detach() for k in ("pointwise", "hinge", "active", "accuracy")}
+    docids = sorted({d for _, d, _ in pairs})
     row = {d: i for i, d in enumerate(docids)}
     with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.cfg.method == "prompt"):
         prefix = encode_prefixes(llm, template, reranker, [tokens.passages[d] for d in docids])
-    pairs = batch_pairs(batch)
     scores = score_pairs(llm, template, reranker, prefix, [row[d] for _, d, _ in pairs],
                          [tokens.queries[batch[i].qid] for i, _, _ in pairs],
                          [tokens.passages[d] for _, d, _ in pairs])
-    return ranking_loss(scores, pairs, margin)
+    return ranking_loss(scores, pairs, margin, counts)
 
 
 @dataclass
@@ -368,13 +446,15 @@ SELECT_ON = "ndcg_cut_10"  # the dev measure that picks the module and drives ea
 @torch.no_grad()
 def dev_check(llm, template, reranker, dev, margin, tokens, token_budget=4096):
     """Dev diagnostics of the module as it is now, with dropout off: the mean loss terms over the
-    dev batches and the ranking measures (DEV_SHOWN) on the dev candidates."""
+    dev batches and the trec_eval means on the dev candidates. The same on every process."""
     reranker.eval()
     record = {}
-    for batch in dev.batches:
-        loss, terms = batch_loss(llm, template, reranker, batch, tokens, margin)
+    for batch in dev.batches:  # each process its share of every batch; the shares add up
+        loss, terms = batch_loss(llm, template, reranker, batch, tokens, margin, share=(rank(), world()))
         for name, value in {"dev_loss": loss, **terms}.items():
             record[name] = record.get(name, 0.0) + value.item() / len(dev.batches)
+    shares = gather(record)
+    record = {name: sum(share[name] for share in shares) for name in record}
     if reranker.cfg.method != "prompt":  # its passage keys/values do not change with training
         dev.prefixes = {} if dev.prefixes is None else dev.prefixes
     scores, _ = rerank(llm, template, {"m": reranker}, dev.candidates, tokens, token_budget, None,
@@ -407,13 +487,17 @@ def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, re
     # gradient is dense); the default per-tensor loop took 123 ms a step on 2 cores, fused 15 ms.
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=True)
+    # Under torchrun each process computes its share of every batch's queries (batch_loss); DDP
+    # averages the gradients, so each share's loss is scaled by the number of processes to make
+    # the update the single-process one. It also broadcasts rank 0's initial weights.
+    model = nn.parallel.DistributedDataParallel(reranker) if world() > 1 else reranker
 
     def snapshot():
         return {k: v.detach().clone() for k, v in trainable_state(reranker).items()}
 
     resume_file = out / f"{name}.resume.pt"
     if resume and resume_file.exists():
-        saved = torch.load(resume_file, weights_only=False)
+        saved = torch.load(resume_file, weights_only=False, map_location=next(reranker.parameters()).device)
         if saved["config"] != [asdict(reranker.cfg), asdict(tc)]:
             raise SystemExit(f"qpeft.py: error: {resume_file} was written with other settings; "
                              f"rerun with the same flags or without --resume")
@@ -421,6 +505,8 @@ def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, re
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         torch.set_rng_state(saved["torch_rng"])  # dropout masks continue as if never interrupted
+        if "cuda_rng" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda_rng"])
         log(f"{name}: resumed at step {state['step']} from {resume_file}")
     else:  # the untrained module is the first candidate: training must beat it on dev
         record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
@@ -428,7 +514,8 @@ def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, re
                  "history": [{"step": 0, **record}]}
         log(f"{name}: step 0 (untrained) {dev_line(record)}")
     per_epoch = max(1, len(train_examples) // tc.queries_per_batch)
-    bar = tqdm(range(state["step"], tc.steps), desc=f"train {name}", initial=state["step"], total=tc.steps)
+    bar = tqdm(range(state["step"], tc.steps), desc=f"train {name}", initial=state["step"], total=tc.steps,
+               disable=rank() > 0)
     for step in bar:
         if state["bad_checks"] >= tc.patience:
             log(f"{name}: early stop at step {step} (no dev {SELECT_ON} gain in {tc.patience} checks)")
@@ -437,26 +524,33 @@ def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, re
         if index == 0 or step == state["step"]:  # a new shuffle each epoch, the same for the same seed
             epoch_batches = data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch)
         reranker.train()
-        loss, terms = batch_loss(llm, template, reranker, epoch_batches[index], tokens, tc.margin)
-        loss.backward()
+        loss, terms = model(llm, template, epoch_batches[index], tokens, tc.margin)
+        (loss * world()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if world() > 1:  # the whole batch's loss and active hinges: the sum of the shares
+            loss, active = (sum(v) for v in zip(*gather((loss.item(), terms["active"].item()))))
+        else:
+            loss, active = loss.item(), terms["active"].item()
+        bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
             record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
-            state["history"].append({"step": step + 1, "train_loss": round(loss.item(), 6),
-                                     "train_active": round(terms["active"].item(), 4), **record})
+            state["history"].append({"step": step + 1, "train_loss": round(loss, 6),
+                                     "train_active": round(active, 4), **record})
             improved = record[SELECT_ON] > state["best_dev"][SELECT_ON]
-            log(f"{name}: step {step + 1} train loss {loss.item():.4f}, {dev_line(record)}"
+            log(f"{name}: step {step + 1} train loss {loss:.4f}, {dev_line(record)}"
                 + (" (best)" if improved else ""))
             if improved:
                 state.update(best_dev=record, best_step=step + 1, bad_checks=0, best=snapshot())
             else:
                 state["bad_checks"] += 1
             state["step"] = step + 1
-            atomic_save(lambda f: torch.save({"module": reranker.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "state": state, "torch_rng": torch.get_rng_state(),
-                                              "config": [asdict(reranker.cfg), asdict(tc)]}, f), resume_file)
+            if rank() == 0:
+                rng = {"torch_rng": torch.get_rng_state(),
+                       **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+                atomic_save(lambda f: torch.save({"module": reranker.state_dict(), "optimizer": optimizer.state_dict(),
+                                                  "state": state, **rng,
+                                                  "config": [asdict(reranker.cfg), asdict(tc)]}, f), resume_file)
     bar.close()
     reranker.load_state_dict(state["best"])
     best = state["best_dev"][SELECT_ON]
@@ -516,10 +610,12 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
     docids = sorted(pairs_of)
     lengths = [len(template.prefix(tokens.passages[d])) for d in docids]
     batches = data.token_budget_batches(lengths, token_budget)
-    scores = {m: {q: {} for q in candidates} for m in rerankers}
     seconds = {m: 0.0 for m in rerankers}
-    shared_seconds = 0.0
-    for b, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=desc is None)):
+    shared_seconds, keys = 0.0, []
+    mine = range(rank(), len(batches), world())  # under torchrun: every world()-th passage batch
+    values = {m: [] for m in rerankers}           # score tensors, read back to the host once at the end
+    for b in tqdm(mine, desc=desc, unit="batch", disable=desc is None or rank() > 0):
+        batch = batches[b]
         passages = [tokens.passages[docids[i]] for i in batch]
         start = time.perf_counter()
         if prefixes is not None and b in prefixes:
@@ -530,19 +626,27 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
             prefixes[b] = shared
         shared_seconds += time.perf_counter() - start
         pairs = [(row, qid) for row, i in enumerate(batch) for qid in pairs_of[docids[i]]]
+        keys += [(qid, docids[batch[row]]) for row, qid in pairs]  # every method scores them in this order
         for method, reranker in rerankers.items():
             start = time.perf_counter()
             own_prompt = reranker.cfg.method == "prompt"
             prefix = encode_prefixes(llm, template, reranker, passages) if own_prompt else shared
             for chunk in range(0, len(pairs), len(batch)):  # suffix batches no larger than the passage batch
                 part = pairs[chunk:chunk + len(batch)]
-                s = score_pairs(llm, template, reranker, prefix, [r for r, _ in part],
-                                [tokens.queries[q] for _, q in part], [passages[r] for r, _ in part])
-                for (r, qid), value in zip(part, s.tolist()):
-                    scores[method][qid][docids[batch[r]]] = value
+                values[method].append(score_pairs(llm, template, reranker, prefix, [r for r, _ in part],
+                                                  [tokens.queries[q] for _, q in part],
+                                                  [passages[r] for r, _ in part]))
             seconds[method] += time.perf_counter() - start
-    # Each method is charged the shared passage pass too, as if it had run alone.
-    timing = {m: seconds[m] + (shared_seconds if r.cfg.method != "prompt" else 0.0) for m, r in rerankers.items()}
+    scores = {m: {} for m in rerankers}
+    for method in rerankers:  # one host read per method; then every process gets every score
+        pairs = zip(keys, torch.cat(values[method]).tolist() if values[method] else [])
+        for share in gather([(qid, docid, value) for (qid, docid), value in pairs]):
+            for qid, docid, value in share:
+                scores[method].setdefault(qid, {})[docid] = value
+    # Each method is charged the shared passage pass too, as if it had run alone; under torchrun
+    # the slowest process's time.
+    timing = {m: max(gather(seconds[m] + (shared_seconds if r.cfg.method != "prompt" else 0.0)))
+              for m, r in rerankers.items()}
     return scores, timing
 
 
@@ -615,8 +719,11 @@ def parse_args(argv):
     p.add_argument("--checkpoint", help="saved module(s), comma-separated (.safetensors, each with its .json beside it)")
     p.add_argument("--eval-only", action="store_true", help="rerank with --checkpoint, no training")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto: cuda when "
+                   "available); under torchrun each process takes cuda:LOCAL_RANK")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="LLM compute dtype; auto: bfloat16 where the CPU has native bf16 matmuls, else float32")
+                   help="LLM compute dtype; auto: bfloat16 on CUDA and where the CPU multiplies it "
+                   "natively, else float32")
     p.add_argument("--token-budget", type=int, default=4096, help="prompt tokens per scoring batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks for reranking "
                    "(0.85-1.30x eager's scoring speed in bench runs on a 2-core CPU; the 15-30 s of compiling counts in pairs/s; "
@@ -680,17 +787,21 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def log(message):  # to the terminal (around progress bars) and appended to out/log.txt
-        tqdm.write(message)
-        with open(out / "log.txt", "a", encoding="utf-8") as f:
-            f.write(message + "\n")
+    def log(message):  # rank 0 only: to the terminal (around progress bars) and to out/log.txt
+        if rank() == 0:
+            tqdm.write(message)
+            with open(out / "log.txt", "a", encoding="utf-8") as f:
+                f.write(message + "\n")
 
-    dtype = default_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
+    device = setup_device(args.device)
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     start = run_start = time.perf_counter()
-    llm, tokenizer = load(args.model, dtype=dtype)
+    llm, tokenizer = load(args.model, dtype=dtype, device=device)
     log(f"$ python qpeft.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    where = f"cpu x {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     log(f"model {args.model}: {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M frozen parameters, "
-        f"{str(dtype)[len('torch.'):]}, cpu x {torch.get_num_threads()} threads, loaded in {time.perf_counter() - start:.1f} s")
+        f"{str(dtype)[len('torch.'):]}, {where}" + (f", {world()} processes" if world() > 1 else "")
+        + f", loaded in {time.perf_counter() - start:.1f} s")
     dataset = data.load_dataset(args.data)
     base_cfg = pick(QPEFTConfig, args)
     tc = pick(TrainConfig, args)
@@ -757,7 +868,8 @@ def main(argv=None):
     if args.compile:  # after training: compiling the backward graphs took longer than it saved
         llm.compile_blocks()
     scores, timing = rerank(llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {args.split}")
-    report(dataset, args, out, log, metrics, first_stage, candidates, groups, rerankers, scores, timing)
+    if rank() == 0:  # every score is here: rank 0 evaluates and writes
+        report(dataset, args, out, log, metrics, first_stage, candidates, groups, rerankers, scores, timing)
     log(f"total wall time {time.perf_counter() - run_start:.0f} s; runs, modules and metrics.json in {out}/")
 
 
@@ -782,13 +894,15 @@ def train_or_reuse(llm, template_for, method, base_cfg, tc, train_examples, dev,
     reranker, state = train(llm, template, reranker, train_examples, dev, tokens, tc, out, log,
                             resume=args.resume, name=name)
     seconds = time.perf_counter() - start
-    save_module(reranker, module_file, {"train": asdict(tc), "model": args.model, "data": args.data,
-                                        "history": state["history"], "train_seconds": seconds})
+    if rank() == 0:
+        save_module(reranker, module_file, {"train": asdict(tc), "model": args.model, "data": args.data,
+                                            "history": state["history"], "train_seconds": seconds})
     metrics.setdefault(name, {})["training"] = {
         "seconds": round(seconds, 1), "seed": tc.seed, "steps": state["step"], "best_step": state["best_step"],
         "best_dev": state["best_dev"], "dev_split": dev.split, "train_queries": len(train_examples),
         "history": state["history"]}
-    (out / f"{name}.resume.pt").unlink(missing_ok=True)
+    if rank() == 0:
+        (out / f"{name}.resume.pt").unlink(missing_ok=True)
     return reranker
 
 

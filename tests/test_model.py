@@ -75,6 +75,27 @@ def test_attention_blocks_of_3_positions_match_the_fixture(monkeypatch):
     assert (suffix - ref["hidden.final_norm"][:, 4:])[real[:, 4:]].abs().max() <= 1e-4
 
 
+def test_gpu_attention_path_matches_the_fixture_on_cpu(monkeypatch):
+    """What runs on GPUs (SDPA, every position computed, no nonzero()) forced onto the CPU: the same
+    hidden states as the fixture, in one pass and with a cached prefix, at the real positions."""
+    model = Transformer.from_pretrained(TINY)
+    ref = load_file(TINY.parent / "tiny_random_ref.safetensors")
+    real = ref["attention_mask"].bool()                                  # (3, 16)
+    x = model.tok_embeddings(ref["input_ids"])                           # (3, 16, D)
+    positions = torch.arange(16).expand(3, -1)
+    monkeypatch.setattr(model_module, "use_sdpa", lambda device: True)
+
+    class EveryPosition(model_module.Packing):  # what Packing does off the CPU
+        def __init__(self, mask):
+            self.B, self.T, self.real = *mask.shape, None
+    monkeypatch.setattr(model_module, "Packing", EveryPosition)
+    whole, _ = model.hidden(x, positions, mask=real)
+    assert (whole - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
+    _, past = model.hidden(x[:, :4], positions[:, :4], mask=real[:, :4])
+    suffix, _ = model.hidden(x[:, 4:], positions[:, 4:], real[:, 4:], past, real[:, :4])
+    assert (suffix - ref["hidden.final_norm"][:, 4:])[real[:, 4:]].abs().max() <= 1e-4
+
+
 def test_compiled_blocks_match_eager_on_the_fixture():
     """`--compile`: the same logits (fp32, inductor's fused loops) on both passes of the fast path.
     Slow-ish (inductor compiles C++: ~20 s on 2 cores), but it is what keeps the flag from rotting."""

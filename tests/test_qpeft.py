@@ -103,7 +103,7 @@ def naive_score(llm, template, reranker, query, passage):
             P = len(template.prompt)
             pieces[0] = torch.cat([reranker.soft_prompt, pieces[0][P:]])
         if method == "qpeft-r":  # H = MLP(E'(["hints: "] + top-k ids + ["\n"]))
-            ids = template.hints_open + select_top_k(reranker, llm, query, passage, reranker.cfg.top_k) \
+            ids = template.hints_open + top_k(reranker, llm, query, passage, reranker.cfg.top_k) \
                 + template.hints_close
             pieces.append(reranker.mlp(reranker.embed_hint_ids(llm, torch.tensor(ids))))
         if method == "qpeft-a":  # H = MLP([E'("hints: "), attention(E'(query), E(passage)), E'("\n")]), no padding
@@ -176,6 +176,12 @@ def test_zeroshot_needs_no_module(tiny):
 
 
 # ---- Q-PEFT-R's top-k selection on a table where the cosines are obvious --------------------
+def top_k(reranker, llm, query, passage, k):
+    """select_top_k for one pair, as a list."""
+    ids, counts = select_top_k(reranker, llm, [query], [passage], k)
+    return ids[0, :counts[0]].tolist()
+
+
 def test_select_top_k_by_hand():
     # E' (query side) and E (passage side) are different tables on purpose: query id 0 is [1, 0, 0]
     # in E' but [0, 1, 0] in E; selecting with E(query) would put token 6 first.
@@ -195,14 +201,18 @@ def test_select_top_k_by_hand():
     passage = [6, 5, 2, 7, 4, 5, 3, 2]  # position: 0 1 2 3 4 5 6 7; ids 2 and 5 occur twice
     # best score per id: 2 -> 1.0, 3 -> 0.8, 5 -> 0.6 (first at position 1), 4 -> 0.6 (position 4), 6 -> 0, 7 -> -0.6
     # tie 5/4: the earlier position first, not the smaller id
-    assert select_top_k(reranker, llm, query, passage, k=3) == [2, 3, 5]
-    assert select_top_k(reranker, llm, query, passage, k=4) == [2, 3, 5, 4]
+    assert top_k(reranker, llm, query, passage, k=3) == [2, 3, 5]
+    assert top_k(reranker, llm, query, passage, k=4) == [2, 3, 5, 4]
     # k above the 6 distinct passage ids: all of them, once each, no padding or resampling
-    assert select_top_k(reranker, llm, query, passage, k=10) == [2, 3, 5, 4, 6, 7]
+    assert top_k(reranker, llm, query, passage, k=10) == [2, 3, 5, 4, 6, 7]
     # only passage tokens are candidates: the query's own ids (cosine 1 with themselves) never appear
-    assert select_top_k(reranker, llm, query, [7, 6], k=5) == [6, 7]
+    assert top_k(reranker, llm, query, [7, 6], k=5) == [6, 7]
     # the tie rule is about positions: with 4 before 5 in the passage, 4 comes first
-    assert select_top_k(reranker, llm, query, [4, 5], k=2) == [4, 5]
+    assert top_k(reranker, llm, query, [4, 5], k=2) == [4, 5]
+    # a batch of pairs of different lengths at once: each row as alone, its count where it ends
+    ids, counts = select_top_k(reranker, llm, [query, [1], query], [passage, [7, 6], [4, 5]], k=4)
+    assert counts.tolist() == [4, 2, 2]
+    assert [ids[i, :c].tolist() for i, c in enumerate(counts)] == [[2, 3, 5, 4], [6, 7], [4, 5]]
 
 
 # ---- Q-PEFT-A: padding in a batch changes nothing ------------------------------------------
@@ -332,7 +342,7 @@ def expected_gradient_rows(method, reranker, llm, template, batch, tokens):
     for i, docid, _ in qpeft.batch_pairs(batch):
         query = tokens.queries[batch[i].qid]
         rows |= set(query) if method == "qpeft-a" else \
-            set(select_top_k(reranker, llm, query, tokens.passages[docid], reranker.cfg.top_k))
+            set(top_k(reranker, llm, query, tokens.passages[docid], reranker.cfg.top_k))
     return rows
 
 
