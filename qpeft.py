@@ -473,8 +473,8 @@ def dev_line(record):
 def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, resume=False, name=None):
     """AdamW on the trainable parameters (fp32, like their optimizer state), early stopping on the
     dev ranking measure SELECT_ON; the module of the best dev check is kept, the untrained one
-    (step 0) included. With `resume`, continues from out/{name}.resume.pt (written at every
-    dev check). `name` (default: the method) names the files and log lines of this run."""
+    (step 0) included. With `resume`, continues from out/{name}.resume.json + .safetensors
+    (written at every dev check). `name` (default: the method) names the files and log lines of this run."""
     method = reranker.cfg.method
     name = name or method
     # No weight decay on E': AdamW's decay would shrink all of its ~49k rows at every step, while a
@@ -495,19 +495,10 @@ def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, re
     def snapshot():
         return {k: v.detach().clone() for k, v in trainable_state(reranker).items()}
 
-    resume_file = out / f"{name}.resume.pt"
-    if resume and resume_file.exists():
-        saved = torch.load(resume_file, weights_only=False, map_location=next(reranker.parameters()).device)
-        if saved["config"] != [asdict(reranker.cfg), asdict(tc)]:
-            raise SystemExit(f"qpeft.py: error: {resume_file} was written with other settings; "
-                             f"rerun with the same flags or without --resume")
-        reranker.load_state_dict(saved["module"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-        torch.set_rng_state(saved["torch_rng"])  # dropout masks continue as if never interrupted
-        if "cuda_rng" in saved and torch.cuda.is_available():
-            torch.cuda.set_rng_state(saved["cuda_rng"])
-        log(f"{name}: resumed at step {state['step']} from {resume_file}")
+    resume_files = out / f"{name}.resume.json", out / f"{name}.resume.safetensors"
+    if resume and resume_files[0].exists():
+        state = load_resume(resume_files, reranker, optimizer, [asdict(reranker.cfg), asdict(tc)])
+        log(f"{name}: resumed at step {state['step']} from {resume_files[0]}")
     else:  # the untrained module is the first candidate: training must beat it on dev
         record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
         state = {"step": 0, "best": snapshot(), "best_step": 0, "best_dev": record, "bad_checks": 0,
@@ -546,17 +537,54 @@ def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, re
                 state["bad_checks"] += 1
             state["step"] = step + 1
             if rank() == 0:
-                rng = {"torch_rng": torch.get_rng_state(),
-                       **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-                atomic_save(lambda f: torch.save({"module": reranker.state_dict(), "optimizer": optimizer.state_dict(),
-                                                  "state": state, **rng,
-                                                  "config": [asdict(reranker.cfg), asdict(tc)]}, f), resume_file)
+                save_resume(resume_files, reranker, optimizer, state, [asdict(reranker.cfg), asdict(tc)])
     bar.close()
     reranker.load_state_dict(state["best"])
     best = state["best_dev"][SELECT_ON]
     log(f"{name}: keeping the module of step {state['best_step']} (dev {SELECT_ON} {best:.4f})"
         + (": no training step beat the untrained module on dev" if state["best_step"] == 0 else ""))
     return reranker.eval(), state
+
+
+def save_resume(files, reranker, optimizer, state, config):
+    """Everything training needs to continue, without pickle (a pickle runs code when read): the
+    tensors (module, best module, AdamW moments, RNG states) as safetensors, the rest as JSON,
+    written last, so the JSON's presence means the pair is complete."""
+    json_file, tensor_file = files
+    optim = optimizer.state_dict()
+    tensors = {**{f"module.{k}": v for k, v in reranker.state_dict().items()},
+               **{f"best.{k}": v for k, v in state["best"].items()},
+               **{f"optimizer.{i}.{k}": v for i, moments in optim["state"].items() for k, v in moments.items()},
+               "rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    atomic_save(lambda f: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, f), tensor_file)
+    meta = {"config": config, "param_groups": optim["param_groups"],
+            "state": {k: v for k, v in state.items() if k != "best"}}
+    atomic_save(lambda f: Path(f).write_text(json.dumps(meta)), json_file)
+
+
+def load_resume(files, reranker, optimizer, config):
+    """The training state save_resume wrote, loaded into `reranker` and `optimizer`; the RNG
+    continues where it was (dropout masks as if never interrupted). Returns train()'s state."""
+    json_file, tensor_file = files
+    meta = json.loads(json_file.read_text())
+    if meta["config"] != config:
+        raise SystemExit(f"qpeft.py: error: {json_file} was written with other settings; "
+                         f"rerun with the same flags or without --resume")
+    tensors, device = load_file(tensor_file), next(reranker.parameters()).device
+    part = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")}
+            for kind in ("module", "best", "optimizer")}
+    reranker.load_state_dict(part["module"])
+    moments = {}
+    for key, value in part["optimizer"].items():
+        index, name = key.split(".", 1)
+        moments.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return {**meta["state"], "best": {k: v.to(device) for k, v in part["best"].items()}}
 
 
 def trainable_state(reranker):
@@ -902,7 +930,8 @@ def train_or_reuse(llm, template_for, method, base_cfg, tc, train_examples, dev,
         "best_dev": state["best_dev"], "dev_split": dev.split, "train_queries": len(train_examples),
         "history": state["history"]}
     if rank() == 0:
-        (out / f"{name}.resume.pt").unlink(missing_ok=True)
+        for suffix in ("json", "safetensors"):
+            (out / f"{name}.resume.{suffix}").unlink(missing_ok=True)
     return reranker
 
 

@@ -90,7 +90,7 @@ def test_an_interrupted_run_resumes_in_two_processes(tiny_dir, tmp_path, monkeyp
     out = tmp_path / "interrupted"
     with pytest.raises(Interrupted):
         qpeft.main(args + ["--out", str(out)])
-    assert (out / "qpeft-a.resume.pt").exists()
+    assert (out / "qpeft-a.resume.json").exists()
     run_qpeft(args + ["--out", str(out), "--resume"], 2)
     assert "qpeft-a: resumed at step 2" in (out / "log.txt").read_text()
     resumed, straight = history(out), history(tmp_path / "straight")

@@ -3,6 +3,7 @@ loss by hand, attention masking, what trains, save/load, the command line end to
 random Llama (with resume), and a smoke test with the real SmolLM2. About 15 s on 2 CPU cores."""
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -524,7 +525,7 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
     for method in methods:
         assert (out / f"{method}.test.trec").exists()
     for method in ("qpeft-r", "qpeft-a"):  # trained modules, and no resume file left behind
-        assert (out / f"{method}.safetensors").exists() and not (out / f"{method}.resume.pt").exists()
+        assert (out / f"{method}.safetensors").exists() and not (out / f"{method}.resume.json").exists()
         saved = json.loads((out / f"{method}.json").read_text())
         assert saved["qpeft"]["method"] == method and saved["train"]["steps"] == 2
         assert [h["step"] for h in saved["history"] if "train_loss" in h] == [1, 2]
@@ -590,6 +591,17 @@ def test_seeds_are_averaged_per_query(tiny_dir, tmp_path):
 
 
 # ---- --resume continues an interrupted run --------------------------------------------------
+class Payload:
+    """Unpickling this creates `marker`: what a planted resume file could do if it were ever loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+
 @pytest.mark.parametrize("dropout", ["0.0", "0.1"])  # 0.1: dropout masks must continue too
 def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, dropout):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
@@ -612,11 +624,14 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     out = tmp_path / "interrupted"
     with pytest.raises(Interrupted):
         qpeft.main(args + ["--out", str(out)])
-    assert (out / "qpeft-a.resume.pt").exists() and not (out / "qpeft-a.safetensors").exists()
+    assert (out / "qpeft-a.resume.json").exists() and not (out / "qpeft-a.safetensors").exists()
+    # a pickle where older versions kept the resume state is never read: its code never runs
+    marker = tmp_path / "pickle-ran"
+    torch.save(Payload(marker), out / "qpeft-a.resume.pt")
     monkeypatch.setattr(qpeft, "batch_loss", real_loss)
     qpeft.main(args + ["--out", str(out), "--resume"])
-    assert "qpeft-a: resumed at step 2" in (out / "log.txt").read_text()
-    assert not (out / "qpeft-a.resume.pt").exists()
+    assert "qpeft-a: resumed at step 2" in (out / "log.txt").read_text() and not marker.exists()
+    assert not (out / "qpeft-a.resume.json").exists() and not (out / "qpeft-a.resume.safetensors").exists()
     history = json.loads((out / "qpeft-a.json").read_text())["history"]
     assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4]
     # the resumed run is the uninterrupted one: same dev losses, same weights (AdamW state restored too)
