@@ -899,6 +899,8 @@ def main(argv=None):
     if rank() == 0:  # every score is here: rank 0 evaluates and writes
         report(dataset, args, out, log, metrics, first_stage, candidates, groups, rerankers, scores, timing)
     log(f"total wall time {time.perf_counter() - run_start:.0f} s; runs, modules and metrics.json in {out}/")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def train_or_reuse(llm, template_for, method, base_cfg, tc, train_examples, dev, tokens, args, out, log,
