@@ -118,7 +118,7 @@ class Dataset:
 
     def _split(self, split):
         if split not in self.qrels:
-            raise KeyError(f"{self.name} has no split {split!r} (splits: {', '.join(self.splits)})")
+            raise ValueError(f"{self.name} has no split {split!r} (splits: {', '.join(self.splits)})")
         return self.qrels[split]
 
     def relevance_level(self, split):

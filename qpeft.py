@@ -21,6 +21,7 @@ is predicted.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -734,6 +735,14 @@ PRESETS = {
 }
 
 
+# Every numeric flag's range, checked at parse time: (lowest allowed, first not allowed or None).
+RANGES = {"depth": (1, None), "token_budget": (1, None), "train_queries": (0, None), "seeds": (1, None),
+          "top_k": (1, None), "heads": (1, None), "dropout": (0.0, 1.0), "max_passage_tokens": (1, None),
+          "steps": (0, None), "queries_per_batch": (1, None), "lr": (0.0, None), "weight_decay": (0.0, None),
+          "margin": (0.0, None), "eval_every": (1, None), "patience": (1, None), "dev_queries": (1, None),
+          "dev_depth": (1, None), "seed": (0, None)}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="dataset name under $QPEFT_HOME/data, or a BEIR-format folder")
@@ -764,10 +773,16 @@ def parse_args(argv):
             add_field(p, f)
     for f in fields(TrainConfig):
         add_field(p, f)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    for name, (low, high) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not (low <= value and (high is None or value < high)):
+            bound = f">= {low}" + (f" and < {high}" if high is not None else "")
+            p.error(f"--{name.replace('_', '-')}: {value} is out of range (must be {bound})")
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint FILE")
     if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
@@ -811,7 +826,19 @@ def run_name(method, seed, seeds):
 
 
 def main(argv=None):
+    """The command line. Errors in the input (data, model folder, module, flags) are one line,
+    `qpeft.py: error: ...`, and exit code 2, as in eval.py; --debug shows their traceback."""
     args = parse_args(argv)
+    try:
+        run_command(args, argv)
+    except (ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"qpeft.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_command(args, argv):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -821,6 +848,7 @@ def main(argv=None):
             with open(out / "log.txt", "a", encoding="utf-8") as f:
                 f.write(message + "\n")
 
+    dataset = data.load_dataset(args.data)  # bad data fails before the minutes of loading a model
     device = setup_device(args.device)
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     start = run_start = time.perf_counter()
@@ -830,9 +858,10 @@ def main(argv=None):
     log(f"model {args.model}: {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M frozen parameters, "
         f"{str(dtype)[len('torch.'):]}, {where}" + (f", {world()} processes" if world() > 1 else "")
         + f", loaded in {time.perf_counter() - start:.1f} s")
-    dataset = data.load_dataset(args.data)
     base_cfg = pick(QPEFTConfig, args)
     tc = pick(TrainConfig, args)
+    if "qpeft-a" in args.methods.split(",") and llm.cfg.dim % base_cfg.heads:
+        raise ValueError(f"--heads {base_cfg.heads} does not divide the width of {args.model} ({llm.cfg.dim})")
 
     def template_for(cfg):
         return Template(tokenizer, cfg.instruction)
@@ -896,6 +925,10 @@ def main(argv=None):
     if args.compile:  # after training: compiling the backward graphs took longer than it saved
         llm.compile_blocks()
     scores, timing = rerank(llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {args.split}")
+    for method, per_query in scores.items():  # NaN or inf would reach the runs and the table
+        for qid, docid in ((q, d) for q, docs in per_query.items() for d, v in docs.items() if not math.isfinite(v)):
+            raise ValueError(f"{method} scored query {qid!r} passage {docid!r} as {per_query[qid][docid]} "
+                             f"(model {args.model}): non-finite scores are not ranked")
     if rank() == 0:  # every score is here: rank 0 evaluates and writes
         report(dataset, args, out, log, metrics, first_stage, candidates, groups, rerankers, scores, timing)
     log(f"total wall time {time.perf_counter() - run_start:.0f} s; runs, modules and metrics.json in {out}/")

@@ -85,7 +85,7 @@ def test_loader_with_split_field_and_runs(tmp_path):
     assert ds.candidates("train", 2) == {"q1": ["p3", "p1"]}
     assert ds.first_stage("test", 10) == {"q2": {"p2": 2.0, "p3": 1.0}}
     assert (ds.relevance_level("train"), ds.relevance_level("test")) == (1, 2)
-    with pytest.raises(KeyError, match="no split 'dev'"):
+    with pytest.raises(ValueError, match="no split 'dev'"):
         ds.candidates("dev", 10)
 
 

@@ -674,6 +674,53 @@ def test_unknown_method_is_a_clean_usage_error(capsys):
     assert "unknown method 'bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--depth", "-1"], "--depth: -1 is out of range (must be >= 1)"),
+    (["--max-passage-tokens", "0"], "--max-passage-tokens: 0 is out of range"),
+    (["--train-queries", "-1"], "--train-queries: -1 is out of range (must be >= 0)"),
+    (["--eval-every", "0"], "--eval-every: 0 is out of range"),
+    (["--queries-per-batch", "0"], "--queries-per-batch: 0 is out of range"),
+    (["--dev-queries", "0"], "--dev-queries: 0 is out of range"),
+    (["--dropout", "2"], "--dropout: 2.0 is out of range (must be >= 0.0 and < 1.0)"),
+    (["--token-budget", "0"], "--token-budget: 0 is out of range"),
+    (["--seeds", "0"], "--seeds: 0 is out of range"),
+])
+def test_numeric_flags_are_range_checked_before_any_work(flags, message, capsys):
+    """Bad numbers are argparse errors (one line, exit 2) before the model or the data is read."""
+    with pytest.raises(SystemExit) as exit_info:
+        qpeft.main(["--data", "no-such-dataset", "--model", "no-such-model", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_input_errors_are_one_line(tiny_dir, tmp_path, capsys):
+    """An input error names what is wrong on one line, exit code 2, no traceback; --debug shows it."""
+    data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
+    common = ["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--out", str(tmp_path / "o")]
+    cases = [(["--split", "nosuch", "--methods", "zeroshot"], "has no split 'nosuch'"),
+             (["--heads", "5", "--methods", "qpeft-a"], "--heads 5 does not divide the width"),
+             (["--data", str(tmp_path / "missing")], "dataset")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            qpeft.main(common + flags)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "qpeft.py: error:" in err and message in err, err
+        assert "Traceback" not in err
+    with pytest.raises(ValueError, match="has no split"):
+        qpeft.main(common + ["--split", "nosuch", "--methods", "zeroshot", "--debug"])
+
+
+def test_non_finite_scores_are_an_error(tiny_dir, tmp_path, monkeypatch, capsys):
+    data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
+    real_score_pairs = qpeft.score_pairs
+    monkeypatch.setattr(qpeft, "score_pairs", lambda *a: real_score_pairs(*a) * float("nan"))
+    with pytest.raises(SystemExit):
+        qpeft.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--methods", "zeroshot",
+                    "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "zeroshot scored query" in err and "non-finite scores are not ranked" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
 # ---- the real SmolLM2: zero-shot query likelihood prefers the relevant passage ----------------
 def test_smollm2_zeroshot_prefers_relevant_passages():
     folder = smollm2_dir()
