@@ -31,11 +31,16 @@ def _warn(message):
 
 
 def _lines(path):
-    """(line number, line) for the non-blank lines of a UTF-8 text file."""
+    """(line number, line) for the non-blank lines of a UTF-8 text file; bytes that are not
+    UTF-8 are an error naming the line."""
     if not path.is_file():
         raise FileNotFoundError(f"missing file: {path}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{n}: not valid UTF-8") from None
             if line.strip():
                 yield n, line.rstrip("\r\n")
 
@@ -52,6 +57,8 @@ def _read_jsonl(path, fields):
             raise ValueError(f"{path}:{n}: need string fields {', '.join(fields)}")
         if rec["_id"] in records:
             raise ValueError(f"{path}:{n}: duplicate _id {rec['_id']!r}")
+        if not rec["_id"] or any(c.isspace() for c in rec["_id"]):  # TREC run lines split on spaces
+            raise ValueError(f"{path}:{n}: _id {rec['_id']!r} is empty or holds whitespace")
         records[rec["_id"]] = rec
     return records
 
@@ -67,6 +74,8 @@ def _read_qrels(path, queries):
         if len(cols) != 3 or not re.fullmatch(r"\s*-?\d+\s*", cols[2]):
             raise ValueError(f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>integer score', got {line!r}")
         qid, docid, grade = cols[0], cols[1], int(cols[2])
+        if any(c.isspace() for c in qid + docid):
+            raise ValueError(f"{path}:{n}: id {qid!r} or {docid!r} holds whitespace")
         if qid not in queries:
             raise ValueError(f"{path}:{n}: query {qid!r} has no text in queries.jsonl")
         if docid in qrels.setdefault(qid, {}):

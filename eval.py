@@ -37,50 +37,58 @@ def read_qrels(path):
     """Judgments {qid: {docid: grade}} from TREC qrels ('qid 0 docid grade') or BEIR TSV
     ('query-id corpus-id score' after a header line). The first line decides the format."""
     qrels, n_fields = {}, None
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if n_fields is None:
-                n_fields = len(fields)
-                if n_fields == 3 and not re.fullmatch(r"-?\d+", fields[2]):
-                    continue  # the BEIR header 'query-id corpus-id score'
-            if len(fields) != n_fields or n_fields not in (3, 4):
-                raise ValueError(f"{path}:{line_no}: expected 'qid 0 docid grade' (TREC) or "
-                                 f"'query-id corpus-id score' (BEIR), got {len(fields)} fields")
-            qid, docid, grade = fields[0], fields[-2], fields[-1]
-            if not re.fullmatch(r"-?\d+", grade):
-                raise ValueError(f"{path}:{line_no}: grade '{grade}' is not an integer")
-            if docid in qrels.setdefault(qid, {}):
-                raise ValueError(f"{path}:{line_no}: duplicate docid {docid} for query {qid}")
-            qrels[qid][docid] = int(grade)
+    for line_no, line in text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        if n_fields is None:
+            n_fields = len(fields)
+            if fields == ["query-id", "corpus-id", "score"]:
+                continue  # the BEIR header; any other first line must be a judgment
+        if len(fields) != n_fields or n_fields not in (3, 4):
+            raise ValueError(f"{path}:{line_no}: expected 'qid 0 docid grade' (TREC) or "
+                             f"'query-id corpus-id score' (BEIR), got {len(fields)} fields")
+        qid, docid, grade = fields[0], fields[-2], fields[-1]
+        if not re.fullmatch(r"-?\d+", grade):
+            raise ValueError(f"{path}:{line_no}: grade '{grade}' is not an integer")
+        if docid in qrels.setdefault(qid, {}):
+            raise ValueError(f"{path}:{line_no}: duplicate docid {docid} for query {qid}")
+        qrels[qid][docid] = int(grade)
     return qrels
+
+
+def text_lines(path):
+    """(line number, line) of a UTF-8 text file; a line that is not UTF-8 is an error naming it."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{line_no}: not valid UTF-8") from None
 
 
 def read_run(path):
     """Scores {qid: {docid: score}} from a TREC run ('qid Q0 docid rank score tag').
     The rank column is not used: like trec_eval, we rank by score."""
     run = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 6:
-                raise ValueError(f"{path}:{line_no}: expected 6 fields 'qid Q0 docid rank score tag', "
-                                 f"got {len(fields)}")
-            qid, _, docid, _, score, _ = fields
-            try:
-                score = float(score)
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: score '{score}' is not a number") from None
-            if math.isnan(score):
-                raise ValueError(f"{path}:{line_no}: score is NaN")
-            if docid in run.setdefault(qid, {}):
-                # trec_eval refuses these too: which of the two scores would count?
-                raise ValueError(f"{path}:{line_no}: duplicate docid {docid} for query {qid}")
-            run[qid][docid] = score
+    for line_no, line in text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 6:
+            raise ValueError(f"{path}:{line_no}: expected 6 fields 'qid Q0 docid rank score tag', "
+                             f"got {len(fields)}")
+        qid, _, docid, _, score, _ = fields
+        try:
+            score = float(score)
+        except ValueError:
+            raise ValueError(f"{path}:{line_no}: score '{score}' is not a number") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{path}:{line_no}: score {score} is not finite")
+        if docid in run.setdefault(qid, {}):
+            # trec_eval refuses these too: which of the two scores would count?
+            raise ValueError(f"{path}:{line_no}: duplicate docid {docid} for query {qid}")
+        run[qid][docid] = score
     return run
 
 

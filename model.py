@@ -61,6 +61,7 @@ class LlamaConfig:
     tie_embeddings: bool = False   # tie_word_embeddings: lm_head shares the input embedding table
     bos_id: int | None = None
     eos_id: int | None = None
+    max_positions: int | None = None   # max_position_embeddings: longer sequences are an error
 
     @classmethod
     def from_json(cls, path):
@@ -87,13 +88,17 @@ class LlamaConfig:
             if c.get(flag):
                 raise ValueError(f"{path}: {flag}=true is not supported")
         eos = c.get("eos_token_id")
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        if missing := [key for key in required if key not in c]:
+            raise ValueError(f"{path}: required key '{missing[0]}' is missing")
         return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                    n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                    hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
                    norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta,
                    rope_scaling=scaling, tie_embeddings=c.get("tie_word_embeddings", False),
-                   bos_id=c.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos)
+                   bos_id=c.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos,
+                   max_positions=c.get("max_position_embeddings"))
 
 
 def rope_frequencies(cfg):
@@ -444,6 +449,9 @@ def load(name_or_path, dtype=torch.float32, device="cpu"):
     path = find_asset(name_or_path, "models")
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_pretrained(path)
+    if tokenizer.eos_id is None or not 0 <= tokenizer.eos_id < model.cfg.vocab_size:
+        raise ValueError(f"{path}: the eos token id {tokenizer.eos_id} is missing or outside the "
+                         f"{model.cfg.vocab_size}-row embedding table (query likelihood ends with eos)")
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the embedding table "
                          f"'model.embed_tokens.weight' has only {model.cfg.vocab_size} rows")

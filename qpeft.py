@@ -55,6 +55,7 @@ class QPEFTConfig:
     train_embeddings: bool = True  # E' is a trainable copy of E (paper); False: E' = frozen E, a light module
     residual_mlp: bool = False     # hint = x + MLP(x), MLP ends at 0 (not in the paper; off = faithful)
     max_passage_tokens: int = 160  # passages are cut to this many tokens, keeping the start
+    max_query_tokens: int = 64     # queries too (a query is also the hint block of qpeft-a)
 
 
 @dataclass
@@ -100,19 +101,19 @@ def setup_device(name):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SystemExit(f"qpeft.py: error: --device {name}: no CUDA device is visible")
+            raise ValueError(f"--device {name}: no CUDA device is visible")
         if processes > 1:
             if name != "cuda":
-                raise SystemExit(f"qpeft.py: error: --device {name}: under torchrun each process takes "
+                raise ValueError(f"--device {name}: under torchrun each process takes "
                                  f"cuda:LOCAL_RANK; pass --device cuda")
             if local >= torch.cuda.device_count():
-                raise SystemExit(f"qpeft.py: error: --device cuda: local rank {local} but only "
+                raise ValueError(f"--device cuda: local rank {local} but only "
                                  f"{torch.cuda.device_count()} GPUs on this node (use --nproc_per_node "
                                  f"{torch.cuda.device_count()} or fewer)")
             name = f"cuda:{local}"
         torch.cuda.set_device(torch.device(name))
     elif name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("qpeft.py: error: --device mps: MPS is not available")
+        raise ValueError("--device mps: MPS is not available")
     if processes > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
     return torch.device(name)
@@ -571,7 +572,7 @@ def load_resume(files, reranker, optimizer, config):
     json_file, tensor_file = files
     meta = json.loads(json_file.read_text())
     if meta["config"] != config:
-        raise SystemExit(f"qpeft.py: error: {json_file} was written with other settings; "
+        raise ValueError(f"{json_file} was written with other settings; "
                          f"rerun with the same flags or without --resume")
     tensors, device = load_file(tensor_file), next(reranker.parameters()).device
     part = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")}
@@ -595,8 +596,11 @@ def trainable_state(reranker):
 def atomic_save(write, path):
     """Write to a temporary file beside `path`, then rename: an interruption never leaves half a file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full, an error) leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
 
 
 def save_module(reranker, path, extra):
@@ -612,7 +616,10 @@ def load_module(path, llm, template_for):
     config_file = path.with_suffix(".json")
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: the module's config is missing (expected beside {path.name})")
-    cfg = QPEFTConfig(**json.loads(config_file.read_text())["qpeft"])
+    try:
+        cfg = QPEFTConfig(**json.loads(config_file.read_text())["qpeft"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: an unknown or missing field
+        raise ValueError(f"{config_file}: not a module config ({type(e).__name__}: {e})") from None
     reranker = Reranker(cfg, llm, template_for(cfg))
     saved, expected = load_file(path), trainable_state(reranker)
     for name in expected.keys() | saved.keys():
@@ -717,9 +724,13 @@ def mean_over_seeds(per_query_runs):
 
 
 def ndcg_delta(per_query, name, base):
-    """Mean nDCG@10 of `name` minus `base` and the two-sided paired t-test p-value over queries."""
-    delta, _, p = ir.paired_t_test({q: v["ndcg_cut_10"] for q, v in per_query[base].items()},
-                                   {q: v["ndcg_cut_10"] for q, v in per_query[name].items()})
+    """Mean nDCG@10 of `name` minus `base` and the two-sided paired t-test p-value over queries
+    (None with fewer than 2 queries: no test is possible)."""
+    a = {q: v["ndcg_cut_10"] for q, v in per_query[base].items()}
+    b = {q: v["ndcg_cut_10"] for q, v in per_query[name].items()}
+    if len(a.keys() & b.keys()) < 2:
+        return statistics.fmean(b[q] - a[q] for q in a.keys() & b.keys()), None
+    delta, _, p = ir.paired_t_test(a, b)
     return delta, p
 
 
@@ -738,6 +749,7 @@ PRESETS = {
 # Every numeric flag's range, checked at parse time: (lowest allowed, first not allowed or None).
 RANGES = {"depth": (1, None), "token_budget": (1, None), "train_queries": (0, None), "seeds": (1, None),
           "top_k": (1, None), "heads": (1, None), "dropout": (0.0, 1.0), "max_passage_tokens": (1, None),
+          "max_query_tokens": (1, None),
           "steps": (0, None), "queries_per_batch": (1, None), "lr": (0.0, None), "weight_decay": (0.0, None),
           "margin": (0.0, None), "eval_every": (1, None), "patience": (1, None), "dev_queries": (1, None),
           "dev_depth": (1, None), "seed": (0, None)}
@@ -785,6 +797,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')}: {value} is out of range (must be {bound})")
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint FILE")
+    if args.checkpoint and not args.eval_only:
+        p.error("--checkpoint needs --eval-only (saved modules are reranked as they are, not trained)")
     if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
         p.error(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
     return args
@@ -809,8 +823,8 @@ def make_dev_set(dataset, tc):
     judged split where there is one (dev.graded), else of dev; the loss terms use those of them
     that have a positive and a hard negative."""
     if "dev" not in dataset.splits:
-        raise SystemExit(f"qpeft.py: error: {dataset.path} has no dev split (qrels/dev.tsv), "
-                         f"needed for early stopping; use --eval-only to rerank with a trained module")
+        raise ValueError(f"{dataset.path} has no dev split (qrels/dev.tsv), needed to choose the module; "
+                         f"use --eval-only --checkpoint FILE to rerank with a trained module")
     split = "dev.graded" if "dev.graded" in dataset.splits else "dev"
     first_stage = dataset.first_stage(split, 1000)
     qids = [q for q in dataset.qrels[split] if first_stage[q]][:tc.dev_queries]
@@ -818,6 +832,28 @@ def make_dev_set(dataset, tc):
     return DevSet(split, data.train_batches(examples, tc.queries_per_batch, seed=0),
                   {q: list(first_stage[q])[:tc.dev_depth] for q in qids}, {q: first_stage[q] for q in qids},
                   {q: dataset.qrels[split][q] for q in qids}, dataset.relevance_level(split))
+
+
+def cut_to(ids, limit, what, log):
+    """Token ids cut to `limit` (keeping the start), and a log line saying how many were cut."""
+    cuts = [len(v) - limit for v in ids.values() if len(v) > limit]
+    if cuts:
+        log(f"{what}: {len(cuts)} of {len(ids)} cut to {limit} tokens, by {statistics.fmean(cuts):.1f} "
+            f"tokens on average")
+    return {k: v[:limit] for k, v in ids.items()}
+
+
+def check_positions(llm, template, tokens, cfg):
+    """The longest sequence any pair can make must fit the model's max_position_embeddings."""
+    if llm.cfg.max_positions is None or not tokens.queries:
+        return
+    qid, query = max(tokens.queries.items(), key=lambda item: len(item[1]))
+    hints = len(template.hints_open) + len(template.hints_close) + max(len(query), cfg.top_k)
+    longest = len(template.prefix(max(tokens.passages.values(), key=len, default=[]))) + hints \
+        + len(template.question) + len(query) + 1
+    if longest > llm.cfg.max_positions:
+        raise ValueError(f"query {qid!r}: its longest sequence has {longest} tokens, more than the model's "
+                         f"{llm.cfg.max_positions} positions (lower --max-query-tokens or --max-passage-tokens)")
 
 
 def run_name(method, seed, seeds):
@@ -868,17 +904,26 @@ def run_command(args, argv):
 
     template = template_for(base_cfg)
     # Queries without candidates are left out, like trec_eval leaves out queries missing from a run.
-    first_stage = {q: docs for q, docs in dataset.first_stage(args.split, 1000).items() if docs}
+    first_stage = dataset.first_stage(args.split, 1000)
+    if empty := [q for q in first_stage if not dataset.queries[q].strip()]:
+        log(f"warning: {len(empty)} {args.split} queries have no text and are skipped ({', '.join(empty[:3])})")
+    first_stage = {q: docs for q, docs in first_stage.items() if docs and q not in empty}
     candidates = {q: list(docs)[:args.depth] for q, docs in first_stage.items()}
     rerankers = {}
     if args.eval_only:  # several modules share one pass over the passages (if they share the instruction)
         for file in args.checkpoint.split(","):
+            name = Path(file).stem
+            if name in rerankers or name in ("bm25", "zeroshot"):
+                raise ValueError(f"--checkpoint: two rows would be called {name!r} ({file}); rename the module")
             reranker = load_module(file, llm, template_for)
-            rerankers[Path(file).stem] = reranker
+            rerankers[name] = reranker
             template, base_cfg = template_for(reranker.cfg), reranker.cfg
-        if len({(r.cfg.instruction, r.cfg.max_passage_tokens) for r in rerankers.values()}) > 1:
-            raise SystemExit("qpeft.py: error: --checkpoint: the modules differ in instruction or max_passage_tokens")
-    methods = list(rerankers) or args.methods.split(",")
+        if len({(r.cfg.instruction, r.cfg.max_passage_tokens, r.cfg.max_query_tokens)
+                for r in rerankers.values()}) > 1:
+            raise ValueError("--checkpoint: the modules differ in instruction or max_passage/query_tokens")
+    # with --eval-only: the saved modules, and zero-shot beside them when --methods lists it
+    methods = (["zeroshot"] if "zeroshot" in args.methods.split(",") else []) + list(rerankers) \
+        if args.eval_only else args.methods.split(",")
     trained = [] if args.eval_only else [m for m in methods if m != "zeroshot"]
     seeds = [tc.seed + i for i in range(args.seeds)]
     texts = {d: " " + dataset.corpus[d] for docs in candidates.values() for d in docs}
@@ -886,9 +931,16 @@ def run_command(args, argv):
     train_examples, dev = {}, None
     if trained:
         train_set = data.merge_datasets(dataset, *[data.load_dataset(n) for n in args.train_data.split(",") if n])
+        if "train" not in train_set.splits:
+            raise ValueError(f"{dataset.path} has no train split (qrels/train.tsv) to train {', '.join(trained)}; "
+                             f"use --eval-only --checkpoint FILE to rerank with a trained module")
         for seed in seeds:  # the seed draws each query's positive and hard negative too
             train_examples[seed] = data.training_examples(train_set, "train", seed=seed)[:args.train_queries or None]
+            if not train_examples[seed]:
+                raise ValueError(f"{train_set.name}: the train split has no query with a positive and a hard negative")
         dev = make_dev_set(dataset, tc)
+        if not dev.batches:
+            raise ValueError(f"{dataset.name}: the {dev.split} split has no query with a positive and a hard negative")
         dev_examples = [e for b in dev.batches for e in b]
         for e in [e for ex in train_examples.values() for e in ex] + dev_examples:
             texts[e.positive_docid] = " " + train_set.corpus[e.positive_docid]
@@ -896,8 +948,11 @@ def run_command(args, argv):
             queries[e.qid] = train_set.queries[e.qid]
         texts.update({d: " " + dataset.corpus[d] for docs in dev.candidates.values() for d in docs})
         queries.update({q: dataset.queries[q] for q in dev.candidates})
-    tokens = TokenIds(passages=data.tokenize_texts(tokenizer, texts, max_tokens=base_cfg.max_passage_tokens),
-                      queries=data.tokenize_texts(tokenizer, queries))
+    tokens = TokenIds(passages=cut_to(data.tokenize_texts(tokenizer, texts), base_cfg.max_passage_tokens,
+                                      "passages", log),
+                      queries=cut_to(data.tokenize_texts(tokenizer, queries), base_cfg.max_query_tokens,
+                                     "queries", log))
+    check_positions(llm, template, tokens, base_cfg)
     log(f"data {args.data}: {len(candidates)} {args.split} queries x depth {args.depth}")
     if trained:
         first = train_examples[seeds[0]]
@@ -909,8 +964,8 @@ def run_command(args, argv):
                                  tc.margin, tokens)
         log(f"zeroshot: {dev_line(zeroshot_dev)} (the dev reference)")
 
-    resumed = args.resume and (out / "metrics.json").exists()  # keeps the training records of reused modules
-    metrics = json.loads((out / "metrics.json").read_text()) if resumed else {}
+    # Merged per method and split: another command's methods and splits in this --out stay.
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     groups = {m: [m] for m in methods if m not in trained}  # table row -> its runs (one per seed)
     if "zeroshot" in groups:
         rerankers["zeroshot"] = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
@@ -946,7 +1001,7 @@ def train_or_reuse(llm, template_for, method, base_cfg, tc, train_examples, dev,
     if args.resume and module_file.exists():
         reranker = load_module(module_file, llm, template_for)
         if reranker.cfg != cfg:  # its prompt, cut or shape would not match this run's
-            raise SystemExit(f"qpeft.py: error: {module_file} was trained with other settings "
+            raise ValueError(f"{module_file} was trained with other settings "
                              f"({asdict(reranker.cfg)}); rerun with the same flags or without --resume")
         log(f"{name}: reusing trained module {module_file} (training flags such as --steps are ignored)")
         return reranker
@@ -1019,10 +1074,13 @@ def results_table(results, split, level, depth, shown):
         row += f"{r['sd']['ndcg_cut_10']:8.4f}" if runs and runs > 1 else f"{'':8}"
         for base in ("bm25", "zeroshot"):
             key = f"ndcg_cut_10_delta_{base}"
-            row += f"{r[key]:+9.4f}{r[f'ndcg_cut_10_p_{base}']:7.3f}" if key in r else f"{'':16}"
+            p = r.get(f"ndcg_cut_10_p_{base}")
+            row += (f"{r[key]:+9.4f}" + (f"{p:7.3f}" if p is not None else f"{'n/a':>7}")) if key in r else f"{'':16}"
         row += f"{r['pairs_per_s']:9.1f}" if "pairs_per_s" in r else ""
         steps = [s for s in r.get("best_steps", []) if s is not None]
         lines.append(row + (f"  {','.join(map(str, steps))}" if steps else ""))
+    if results["bm25"]["queries"] < 2:
+        lines.append("p: n/a, a paired test needs at least 2 queries")
     return "\n".join(lines)
 
 

@@ -170,6 +170,16 @@ def test_malformed_lines_name_file_and_line(tmp_path):
     qrels = write(tmp_path / "qrels.txt", "q1 0 d1 1\nq1 d2 1\n")  # TREC format, then a 3-field line
     with pytest.raises(ValueError, match=r"qrels\.txt:2: expected"):
         E.read_qrels(qrels)
+    # a headerless BEIR file whose first grade is not an integer: an error, not a "header" to skip
+    qrels = write(tmp_path / "qrels.tsv", "q1\td1\tyes\nq1\td2\t1\n")
+    with pytest.raises(ValueError, match=r"qrels\.tsv:1: grade 'yes' is not an integer"):
+        E.read_qrels(qrels)
+    (tmp_path / "latin1.trec").write_bytes(b"q1 Q0 d1 1 2.0 t\nq1 Q0 d\xe9 2 1.0 t\n")
+    with pytest.raises(ValueError, match=r"latin1\.trec:2: not valid UTF-8"):
+        E.read_run(tmp_path / "latin1.trec")
+    run = write(tmp_path / "run.trec", "q1 Q0 d1 1 inf t\n")
+    with pytest.raises(ValueError, match=r"run\.trec:1: score inf is not finite"):
+        E.read_run(run)
 
 
 def test_write_run_round_trip_keeps_order_and_invents_no_ties(tmp_path):

@@ -558,7 +558,8 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
     test_only, out2 = write_beir(tmp_path / "beir_test_only", ["test"]), tmp_path / "out2"
     qpeft.main(["--data", str(test_only), *common, "--eval-only", "--checkpoint", str(out / "qpeft-a.safetensors"),
                 "--out", str(out2)])
-    assert set(json.loads((out2 / "metrics.json").read_text())) == {"bm25", "qpeft-a"}
+    # zero-shot (in --methods by default) is reranked beside the saved module, in one pass
+    assert set(json.loads((out2 / "metrics.json").read_text())) == {"bm25", "zeroshot", "qpeft-a"}
     again, before = ir.read_run(out2 / "qpeft-a.test.trec"), ir.read_run(out / "qpeft-a.test.trec")
     for q in before:  # the reloaded module reproduces the trained run's scores
         assert again[q] == pytest.approx(before[q], abs=1e-6)
@@ -603,7 +604,7 @@ class Payload:
 
 
 @pytest.mark.parametrize("dropout", ["0.0", "0.1"])  # 0.1: dropout masks must continue too
-def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, dropout):
+def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, dropout, capsys):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
     args = ["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
             "--methods", "qpeft-a", "--steps", "4", "--eval-every", "1", "--queries-per-batch", "2",
@@ -646,8 +647,9 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     assert "qpeft-a: reusing trained module" in (out / "log.txt").read_text()
     assert json.loads((out / "metrics.json").read_text())["qpeft-a"]["training"]["steps"] == 4
     # ... but not under other module settings: its passages would be cut differently than in training
-    with pytest.raises(SystemExit, match="trained with other settings"):
+    with pytest.raises(SystemExit) as exit_info:
         qpeft.main(args + ["--out", str(out), "--resume", "--max-passage-tokens", "8"])
+    assert exit_info.value.code == 2 and "trained with other settings" in capsys.readouterr().err
 
 
 def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
