@@ -12,6 +12,7 @@ the few cases where skipping is the sane choice print a counted warning to stder
 Credits: BM25 mirrors Lucene's BM25Similarity and Anserini's bag-of-words query; run order is trec_eval's.
 """
 import json
+import math
 import random
 import re
 import sys
@@ -94,6 +95,8 @@ def _read_run(path, corpus, queries):
             int(rank), float(score)
         except ValueError:
             raise ValueError(f"{path}:{n}: expected 'qid Q0 docid rank score tag', got {line!r}") from None
+        if not math.isfinite(float(score)):
+            raise ValueError(f"{path}:{n}: score {score} is not finite")
         if qid not in queries:
             raise ValueError(f"{path}:{n}: query {qid!r} has no text in queries.jsonl")
         if docid not in corpus:

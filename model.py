@@ -300,7 +300,10 @@ def read_safetensors(folder):
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index, required=True).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -517,8 +520,14 @@ def _pre_tokenizer_steps(spec, unsupported):
     raise unsupported(f"pre_tokenizer {kind!r} {({k: v for k, v in spec.items() if k != 'type'})}")
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+def _read_json(path: Path, required=False) -> dict:
+    """A JSON file's object ({} when it is absent and not required); bad JSON names the file."""
+    if not path.exists() and not required:
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _template_adds_bos(post) -> bool:
@@ -557,7 +566,7 @@ class Tokenizer:
     def _from_tokenizer_json(cls, file: Path) -> "Tokenizer":
         def unsupported(what):
             return ValueError(f"{file}: unsupported {what}; only byte-level BPE tokenizer.json is implemented")
-        spec = json.loads(file.read_text(encoding="utf-8"))
+        spec = _read_json(file, required=True)
         model = spec.get("model", {})
         if model.get("type") != "BPE":
             raise unsupported(f"model type {model.get('type')!r}")

@@ -50,6 +50,11 @@ CASES = [
     ("training on a dataset without a dev split",
      lambda d, m, t: (d / "qrels" / "dev.tsv").unlink() or ["--methods", "qpeft-a"],
      "has no dev split"),
+    ("a NaN in the first-stage run",
+     lambda d, m, t: edit(d / "runs" / "dev.bm25.trec", lambda s: s.replace(" 9.0 bm25", " nan bm25", 1)) or [],
+     "dev.bm25.trec:1: score nan is not finite"),
+    ("a tokenizer.json that is not JSON",
+     lambda d, m, t: ["--model", str(broken_tokenizer(m, t))], "tokenizer.json: not valid JSON"),
     ("an unknown split",
      lambda d, m, t: ["--split", "tset"], "has no split 'tset'"),
     ("a model config without hidden_size",
@@ -72,6 +77,12 @@ CASES = [
     ("--heads that do not divide the width",
      lambda d, m, t: ["--heads", "5", "--methods", "qpeft-a"], "--heads 5 does not divide the width"),
 ]
+
+
+def broken_tokenizer(tiny_dir, tmp_path):
+    folder = model_copy(tiny_dir, tmp_path, lambda c: None)
+    (folder / "tokenizer.json").write_text('{"model": ')
+    return folder
 
 
 def module_with(tmp_path, model_dir, data_dir, change, name="qpeft-a"):
