@@ -875,14 +875,16 @@ def main(argv=None):
 
 
 def run_command(args, argv):
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, held = Path(args.out), []  # --out is made only once the inputs are read and checked
 
     def log(message):  # rank 0 only: to the terminal (around progress bars) and to out/log.txt
         if rank() == 0:
             tqdm.write(message)
-            with open(out / "log.txt", "a", encoding="utf-8") as f:
-                f.write(message + "\n")
+            held.append(message)
+            if out.is_dir():
+                with open(out / "log.txt", "a", encoding="utf-8") as f:
+                    f.write("\n".join(held) + "\n")
+                held.clear()
 
     dataset = data.load_dataset(args.data)  # bad data fails before the minutes of loading a model
     device = setup_device(args.device)
@@ -953,6 +955,7 @@ def run_command(args, argv):
                       queries=cut_to(data.tokenize_texts(tokenizer, queries), base_cfg.max_query_tokens,
                                      "queries", log))
     check_positions(llm, template, tokens, base_cfg)
+    out.mkdir(parents=True, exist_ok=True)
     log(f"data {args.data}: {len(candidates)} {args.split} queries x depth {args.depth}")
     if trained:
         first = train_examples[seeds[0]]
@@ -980,10 +983,11 @@ def run_command(args, argv):
     if args.compile:  # after training: compiling the backward graphs took longer than it saved
         llm.compile_blocks()
     scores, timing = rerank(llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {args.split}")
-    for method, per_query in scores.items():  # NaN or inf would reach the runs and the table
-        for qid, docid in ((q, d) for q, docs in per_query.items() for d, v in docs.items() if not math.isfinite(v)):
-            raise ValueError(f"{method} scored query {qid!r} passage {docid!r} as {per_query[qid][docid]} "
-                             f"(model {args.model}): non-finite scores are not ranked")
+    bad = next(((m, q, d, v) for m, per_query in scores.items() for q, docs in per_query.items()
+                for d, v in docs.items() if not math.isfinite(v)), None)
+    if bad:  # NaN or inf would reach the runs and the table
+        raise ValueError(f"{bad[0]} scored query {bad[1]!r} passage {bad[2]!r} as {bad[3]} (model {args.model}): "
+                         f"non-finite scores are not ranked")
     if rank() == 0:  # every score is here: rank 0 evaluates and writes
         report(dataset, args, out, log, metrics, first_stage, candidates, groups, rerankers, scores, timing)
     log(f"total wall time {time.perf_counter() - run_start:.0f} s; runs, modules and metrics.json in {out}/")
