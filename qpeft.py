@@ -886,7 +886,9 @@ def run_command(args, argv):
                     f.write("\n".join(held) + "\n")
                 held.clear()
 
-    dataset = data.load_dataset(args.data)  # bad data fails before the minutes of loading a model
+    # bad data fails before the minutes of loading a model
+    dataset = data.load_dataset(args.data)
+    extra_train = [data.load_dataset(n) for n in args.train_data.split(",") if n]
     device = setup_device(args.device)
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     start = run_start = time.perf_counter()
@@ -932,7 +934,7 @@ def run_command(args, argv):
     queries = {q: dataset.queries[q] for q in candidates}
     train_examples, dev = {}, None
     if trained:
-        train_set = data.merge_datasets(dataset, *[data.load_dataset(n) for n in args.train_data.split(",") if n])
+        train_set = data.merge_datasets(dataset, *extra_train)
         if "train" not in train_set.splits:
             raise ValueError(f"{dataset.path} has no train split (qrels/train.tsv) to train {', '.join(trained)}; "
                              f"use --eval-only --checkpoint FILE to rerank with a trained module")

@@ -652,6 +652,15 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     assert exit_info.value.code == 2 and "trained with other settings" in capsys.readouterr().err
 
 
+def test_a_failed_save_leaves_no_temporary_file(tmp_path):
+    def write_half_then_fail(f):
+        Path(f).write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        qpeft.atomic_save(write_half_then_fail, tmp_path / "metrics.json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
     # A fake clock in qpeft: every perf_counter() reading is 10 s after the previous one.
     readings = []
