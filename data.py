@@ -198,7 +198,8 @@ def _read_official_negatives(path):
     for n, line in _lines(file):
         try:
             rec = json.loads(line)
-            official = rec.get("n_official", int(rec.get("neg_source", "").startswith("neg[0]: official")))
+            official = rec["n_official"] if "n_official" in rec else \
+                int(str(rec.get("neg_source")).startswith("neg[0]: official"))
             if official:
                 negatives[rec["_id"]] = rec["neg"][:official]
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
@@ -295,13 +296,14 @@ class TrainExample:
 HARD_NEGATIVE_BAND = (11, 20)
 
 
-def hard_negative_pool(dataset, split, qid, judged, ranking):
+def hard_negative_pool(dataset, qid, judged, ranking):
     """Where a query's hard negative comes from, best evidence first, and the pool:
     'official': the dataset's own negatives (MS MARCO triples); 'judged': first-stage top-20 hits
     that the qrels judge non-relevant (grade < 1; nq_small judges every candidate by has_answer);
     'band': unjudged hits at ranks HARD_NEGATIVE_BAND of the first stage (sparse labels); 'top-20':
     any unjudged top-20 hit, for first-stage lists too short to reach the band."""
-    if official := [d for d in dataset.official_negatives.get(qid, []) if judged.get(d, 0) < 1]:
+    official = dataset.official_negatives.get(qid, [])
+    if official := [d for d in official if judged.get(d, 0) < 1 and d in dataset.corpus]:
         return "official", official
     if judged_negatives := [d for d in ranking[:20] if d in judged and judged[d] < 1]:
         return "judged", judged_negatives
@@ -321,7 +323,7 @@ def training_examples(dataset, split="train", seed=0):
     examples, no_positive, no_negative = [], 0, 0
     for qid, judged in dataset.qrels[split].items():
         positives = sorted(d for d, grade in judged.items() if grade >= level and d in dataset.corpus)
-        source, negatives = hard_negative_pool(dataset, split, qid, judged, candidates.get(qid, []))
+        source, negatives = hard_negative_pool(dataset, qid, judged, candidates.get(qid, []))
         no_positive += not positives
         no_negative += bool(positives) and not negatives
         if positives and negatives:

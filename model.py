@@ -338,7 +338,7 @@ class Transformer(nn.Module):
         earlier call; batch 1 is shared by all B rows) the rows also attend to the S cached
         positions where `past_mask` (B, S) is True (default: all of them). Returns (hidden, kv)
         with kv the keys/values of the S past and these T positions, (B, Hkv, S + T, hd) per
-        layer (zeros at pads).
+        layer (zeros at pads on the CPU; finite values that every mask hides elsewhere).
         """
         B, T = x.shape[:2]
         packing = Packing(torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask)

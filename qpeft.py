@@ -111,6 +111,8 @@ def setup_device(name):
                                  f"{torch.cuda.device_count()} GPUs on this node (use --nproc_per_node "
                                  f"{torch.cuda.device_count()} or fewer)")
             name = f"cuda:{local}"
+        elif name == "cuda":
+            name = f"cuda:{torch.cuda.current_device()}"
         torch.cuda.set_device(torch.device(name))
     elif name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available")
@@ -248,9 +250,10 @@ def select_top_k(reranker, llm, queries, passages, k):
     p = F.normalize(llm.tok_embeddings(p_ids).float(), dim=-1)                  # (N, Ld, D)
     similarity = (q @ p.transpose(1, 2)).masked_fill(~q_mask[:, :, None], -torch.inf)  # (N, Lq, Ld)
     best = similarity.max(dim=1).values if q_ids.shape[1] else torch.zeros_like(p_ids, dtype=q.dtype)
+    best = best.clamp(min=-1.0)                                                 # (N, Ld) an empty query: -1
     repeated = (p_ids[:, :, None] == p_ids[:, None, :]).tril(-1).any(-1)        # (N, Ld): id seen earlier
     candidate = p_mask & ~repeated                                              # (N, Ld): first occurrences
-    order = torch.sort(best.masked_fill(~candidate, -torch.inf), dim=1, descending=True,  # stable: earlier
+    order = torch.sort(best.masked_fill(~candidate, -2.0), dim=1, descending=True,  # stable: earlier
                        stable=True).indices[:, :k]                              # (N, k') position first
     return p_ids.gather(1, order), candidate.sum(1).clamp(max=k)
 
@@ -416,7 +419,8 @@ def batch_loss(llm, template, reranker, batch, tokens, margin, share=(0, 1)):
     counts = batch_counts(pairs)
     pairs = [p for p in pairs if p[0] % share[1] == share[0]]
     if not pairs:  # more processes than queries: a zero loss that still reaches every parameter
-        zero = sum(p.sum() for p in reranker.parameters() if p.requires_grad) * 0.0
+        device = llm.tok_embeddings.weight.device
+        zero = sum((p.sum() for p in reranker.parameters() if p.requires_grad), torch.zeros((), device=device)) * 0.0
         return zero, {k: zero.detach() for k in ("pointwise", "hinge", "active", "accuracy")}
     docids = sorted({d for _, d, _ in pairs})
     row = {d: i for i, d in enumerate(docids)}

@@ -181,16 +181,16 @@ def test_training_examples(small):
 def test_hard_negative_pool_by_hand():
     """Official negatives first, then hits judged non-relevant, then the unjudged rank band 11-20."""
     ranking = [f"d{i}" for i in range(1, 25)]   # BM25 order: d1 is rank 1
-    ds = SimpleNamespace(official_negatives={"q1": ["x", "d1"]})
-    # q1: official "x" (the judged-relevant d1 is dropped from the official list)
-    assert hard_negative_pool(ds, "train", "q1", {"d1": 1}, ranking) == ("official", ["x"])
+    ds = SimpleNamespace(official_negatives={"q1": ["x", "d1", "gone"]}, corpus={"x", "d1"} | set(ranking))
+    # q1: official "x" (the judged-relevant d1 and "gone", not in the corpus, are dropped)
+    assert hard_negative_pool(ds, "q1", {"d1": 1}, ranking) == ("official", ["x"])
     # q2: no official negative; d3 and d30 are judged 0, d30 is not in the top 20
-    assert hard_negative_pool(ds, "train", "q2", {"d2": 1, "d3": 0, "d30": 0}, ranking) == ("judged", ["d3"])
+    assert hard_negative_pool(ds, "q2", {"d2": 1, "d3": 0, "d30": 0}, ranking) == ("judged", ["d3"])
     # q3: only a positive is judged: the unjudged band, ranks 11-20, minus the positive d12
-    assert hard_negative_pool(ds, "train", "q3", {"d12": 1}, ranking) == \
+    assert hard_negative_pool(ds, "q3", {"d12": 1}, ranking) == \
         ("band", ["d11", "d13", "d14", "d15", "d16", "d17", "d18", "d19", "d20"])
     # q4: a list too short to reach rank 11: any unjudged top-20 hit
-    assert hard_negative_pool(ds, "train", "q4", {"d1": 1}, ranking[:3]) == ("top-20", ["d2", "d3"])
+    assert hard_negative_pool(ds, "q4", {"d1": 1}, ranking[:3]) == ("top-20", ["d2", "d3"])
 
 
 def test_training_examples_skips_queries_without_negative(tmp_path, capsys):

@@ -58,9 +58,11 @@ def history(out, name="qpeft-a"):
     return json.loads((out / f"{name}.json").read_text())["history"]
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tiny_dir, tmp_path):
+@pytest.mark.parametrize("queries_per_batch", ["2", "1"])  # 1: the second process has no query to score
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_dir, tmp_path, queries_per_batch):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
-    args = common(tiny_dir, data_dir) + ["--methods", "qpeft-a", "--steps", "3"]
+    args = common(tiny_dir, data_dir) + ["--methods", "zeroshot,qpeft-a", "--steps", "3",
+                                         "--queries-per-batch", queries_per_batch]
     for n in (1, 2):
         run_qpeft(args + ["--out", str(tmp_path / f"p{n}")], n)
     one, two = history(tmp_path / "p1"), history(tmp_path / "p2")
