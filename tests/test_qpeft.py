@@ -541,6 +541,13 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
         for measure in ("ndcg_cut_10", "mrr_10", "recall_10", "recall_20", "success_5"):
             assert 0.0 <= test[measure] <= 1.0
     assert metrics["qpeft-a"]["training"]["steps"] == 2 and metrics["qpeft-a"]["test"]["depth"] == 3
+    # provenance: flags, versions, commit, and fingerprints of the model and every data file read
+    record = metrics["qpeft-a"]["test"]["provenance"]
+    assert record["flags"]["steps"] == 2 and record["torch"] == torch.__version__ and record["qpeft_commit"]
+    assert len(record["model"]["sha256"]) == 64 and "provenance: qpeft" in log
+    assert sorted(Path(f).name for f in record["data"]) == ["corpus.jsonl", "dev.bm25.trec", "dev.tsv",
+                                                            "queries.jsonl", "test.tsv", "train.bm25.trec",
+                                                            "train.tsv"]
     # runs: every first-stage passage, distinct scores; the 3 reranked candidates above the BM25 tail
     bm25 = ir.read_run(out / "bm25.test.trec")
     # no test run given, so BM25 over the corpus: 5 matches per query, the top 3 reranked
