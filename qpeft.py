@@ -742,6 +742,58 @@ def ndcg_delta(per_query, name, base):
 
 
 # ---------------------------------------------------------------------------------------------
+# Python API: the same scoring path as the command line (rerank, load_module)
+# ---------------------------------------------------------------------------------------------
+class Ranker:
+    """A frozen LLM with one reranker, zero-shot or a trained module, for your own code:
+
+        ranker = qpeft.load_ranker()                      # or load_ranker(adapter="runs/qpeft/qpeft-a.safetensors")
+        ranker.rank("capital of france", ["Berlin is ...", "Paris is ..."], top_k=1)  # [(1, -2.3)]
+    """
+
+    def __init__(self, llm, tokenizer, reranker, token_budget=4096):
+        self.llm, self.tokenizer, self.reranker, self.token_budget = llm, tokenizer, reranker, token_budget
+        self.template = Template(tokenizer, reranker.cfg.instruction)
+
+    def rerank(self, queries, candidates, corpus):
+        """{qid: {docid: score}} for queries {qid: text}, candidates {qid: [docid]} and corpus
+        {docid: text}; each passage's keys/values are computed once for every query that meets it.
+        Scores are mean log-probabilities of the query: higher is better."""
+        cfg = self.reranker.cfg
+        texts = {d: " " + corpus[d] for docs in candidates.values() for d in docs}
+        tokens = TokenIds(
+            passages={k: v[:cfg.max_passage_tokens] for k, v in data.tokenize_texts(self.tokenizer, texts).items()},
+            queries={k: v[:cfg.max_query_tokens] for k, v in data.tokenize_texts(self.tokenizer, queries).items()})
+        scores, _ = rerank(self.llm, self.template, {"ranker": self.reranker}, candidates, tokens,
+                           self.token_budget, None)
+        return {q: scores["ranker"].get(q, {}) for q in candidates}
+
+    def score(self, query, passages):
+        """[score of each passage] for one query, in the passages' order."""
+        ids = [str(i) for i in range(len(passages))]
+        scores = self.rerank({"q": query}, {"q": ids}, dict(zip(ids, passages)))["q"]
+        return [scores[i] for i in ids]
+
+    def rank(self, query, passages, ids=None, top_k=None):
+        """[(id, score)] best first (ids default to the passages' positions), the top_k first only."""
+        ids = list(range(len(passages))) if ids is None else list(ids)
+        ranked = sorted(zip(ids, self.score(query, passages)), key=lambda pair: -pair[1])
+        return ranked[:top_k] if top_k else ranked
+
+
+def load_ranker(model="SmolLM2-135M-Instruct", adapter=None, device="auto", dtype=None):
+    """A Ranker: the frozen `model` (a name under $QPEFT_HOME/models or a folder) on `device`,
+    zero-shot, or with the trained module `adapter` (a .safetensors written by qpeft.py)."""
+    device = setup_device(device)
+    llm, tokenizer = load(model, dtype=dtype or default_dtype(device), device=device)
+    if adapter is None:
+        reranker = Reranker(QPEFTConfig(method="zeroshot"), llm, Template(tokenizer, QPEFTConfig().instruction))
+    else:
+        reranker = load_module(adapter, llm, lambda cfg: Template(tokenizer, cfg.instruction))
+    return Ranker(llm, tokenizer, reranker)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 PRESETS = {

@@ -476,6 +476,30 @@ def test_load_module_bad_files(tiny, tmp_path):
         load_module(path, llm, lambda cfg: template)
 
 
+# ---- the Python API ------------------------------------------------------------------------
+def test_python_api_scores_like_the_fast_path(tiny_dir, tiny, tmp_path):
+    """load_ranker: score / rank / rerank on the tiny model give the fast path's scores, zero-shot and
+    with a saved module."""
+    llm, tokenizer, template = tiny
+    module = make_reranker("qpeft-a", llm, template)
+    save_module(module, tmp_path / "qpeft-a.safetensors", {})
+    passages = [p.strip() for p in PASSAGES]
+    for adapter, reranker in ((None, None), (tmp_path / "qpeft-a.safetensors", module)):
+        ranker = qpeft.load_ranker(tiny_dir, adapter=adapter, device="cpu", dtype=torch.float32)
+        scores = ranker.score(QUERIES[0], passages)
+        p_ids, q_ids = [tokenizer.encode(" " + p) for p in passages], tokenizer.encode(QUERIES[0])
+        with torch.no_grad():
+            expected = score_pairs(llm, template, reranker, encode_prefixes(llm, template, reranker, p_ids),
+                                   [0, 1, 2], [q_ids] * 3, p_ids).tolist()
+        assert scores == pytest.approx(expected, abs=1e-5)
+        ranked = ranker.rank(QUERIES[0], passages, ids=["a", "b", "c"], top_k=2)
+        assert [s for _, s in ranked] == sorted(scores, reverse=True)[:2]
+        assert ranked[0][0] == "abc"[scores.index(max(scores))]
+        both = ranker.rerank({"q1": QUERIES[0], "q2": QUERIES[1]}, {"q1": ["a", "b"], "q2": ["b"]},
+                             {"a": passages[0], "b": passages[1]})
+        assert both["q1"] == pytest.approx({"a": scores[0], "b": scores[1]}, abs=1e-5) and list(both["q2"]) == ["b"]
+
+
 # ---- the command line end to end on a tiny BEIR folder -------------------------------------
 CORPUS = {"p1": "Paris is the capital and largest city of France.",
           "p2": "Photosynthesis lets plants make energy from light.",
