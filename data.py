@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from eval import text_lines
 from model import find_asset
 
 
@@ -33,17 +34,12 @@ def _warn(message):
 
 def _lines(path):
     """(line number, line) for the non-blank lines of a UTF-8 text file; bytes that are not
-    UTF-8 are an error naming the line."""
+    UTF-8 are an error naming the line (eval.text_lines)."""
     if not path.is_file():
         raise FileNotFoundError(f"missing file: {path}")
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}:{n}: not valid UTF-8") from None
-            if line.strip():
-                yield n, line.rstrip("\r\n")
+    for n, line in text_lines(path):
+        if line.strip():
+            yield n, line.rstrip("\r\n")
 
 
 def _read_jsonl(path, fields):

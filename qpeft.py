@@ -761,9 +761,8 @@ class Ranker:
         Scores are mean log-probabilities of the query: higher is better."""
         cfg = self.reranker.cfg
         texts = {d: " " + corpus[d] for docs in candidates.values() for d in docs}
-        tokens = TokenIds(
-            passages={k: v[:cfg.max_passage_tokens] for k, v in data.tokenize_texts(self.tokenizer, texts).items()},
-            queries={k: v[:cfg.max_query_tokens] for k, v in data.tokenize_texts(self.tokenizer, queries).items()})
+        tokens = TokenIds(passages=cut_to(data.tokenize_texts(self.tokenizer, texts), cfg.max_passage_tokens),
+                          queries=cut_to(data.tokenize_texts(self.tokenizer, queries), cfg.max_query_tokens))
         scores, _ = rerank(self.llm, self.template, {"ranker": self.reranker}, candidates, tokens,
                            self.token_budget, None)
         return {q: scores["ranker"].get(q, {}) for q in candidates}
@@ -924,10 +923,10 @@ def provenance(args, argv, device, data_folders):
             "data": {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}}
 
 
-def cut_to(ids, limit, what, log):
+def cut_to(ids, limit, what="", log=None):
     """Token ids cut to `limit` (keeping the start), and a log line saying how many were cut."""
     cuts = [len(v) - limit for v in ids.values() if len(v) > limit]
-    if cuts:
+    if cuts and log:
         log(f"{what}: {len(cuts)} of {len(ids)} cut to {limit} tokens, by {statistics.fmean(cuts):.1f} "
             f"tokens on average")
     return {k: v[:limit] for k, v in ids.items()}
