@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -446,7 +446,7 @@ class DevSet:
     first_stage: dict    # qid -> {docid: score}, the whole list (the tail keeps its order)
     qrels: dict
     level: int           # relevance level of the binary measures
-    prefixes: dict = None  # passage keys/values, computed at the first check and reused after
+    prefixes: dict = field(default_factory=dict)  # passage keys/values: first check, reused after
 
 
 SELECT_ON = "ndcg_cut_10"  # the dev measure that picks the module and drives early stopping
@@ -464,8 +464,7 @@ def dev_check(llm, template, reranker, dev, margin, tokens, token_budget=4096):
             record[name] = record.get(name, 0.0) + value.item() / len(dev.batches)
     shares = gather(record)
     record = {name: sum(share[name] for share in shares) for name in record}
-    if reranker.cfg.method != "prompt":  # its passage keys/values do not change with training
-        dev.prefixes = {} if dev.prefixes is None else dev.prefixes
+    # the frozen prefix's keys/values do not change with training; the soft prompt's do
     scores, _ = rerank(llm, template, {"m": reranker}, dev.candidates, tokens, token_budget, None,
                        dev.prefixes if reranker.cfg.method != "prompt" else None)
     per_query = evaluate_run(with_tail(scores["m"], dev.first_stage), dev.qrels, dev.level)
