@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-import qpeft
+import cli
 from test_qpeft import write_beir, write_tiny_llama
 
 
@@ -88,7 +88,7 @@ def broken_tokenizer(tiny_dir, tmp_path):
 def module_with(tmp_path, model_dir, data_dir, change, name="qpeft-a"):
     """Flags that rerank with a freshly trained (1 step) module, its config changed by `change`."""
     out = tmp_path / "trained"
-    qpeft.main(["--model", str(model_dir), "--data", str(data_dir), "--dtype", "float32", "--methods", "qpeft-a",
+    cli.main(["--model", str(model_dir), "--data", str(data_dir), "--dtype", "float32", "--methods", "qpeft-a",
                 "--steps", "1", "--queries-per-batch", "2", "--dev-queries", "2", "--depth", "2", "--out", str(out)])
     if change:
         config = json.loads((out / "qpeft-a.json").read_text())
@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, capsys, case, prep
     capsys.readouterr()
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        qpeft.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
+        cli.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
                     "--steps", "1", "--queries-per-batch", "2", "--dev-queries", "2", "--out", str(out), *flags])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2, err
@@ -119,7 +119,7 @@ def test_odd_but_valid_input_gives_counted_warnings_and_n_a(tiny_dir, tmp_path):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
     edit(data_dir / "queries.jsonl", lambda s: s.replace('"do plants need water"', '" "'))
     out = tmp_path / "out"
-    qpeft.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
+    cli.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
                 "--methods", "zeroshot", "--out", str(out)])
     log = (out / "log.txt").read_text()
     assert "warning: 1 test queries have no text and are skipped (s2)" in log

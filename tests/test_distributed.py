@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import cli
 import qpeft
 from conftest import ROOT
 from test_qpeft import write_beir, write_tiny_llama
@@ -91,7 +92,7 @@ def test_an_interrupted_run_resumes_in_two_processes(tiny_dir, tmp_path, monkeyp
     torch.set_num_threads(1)
     out = tmp_path / "interrupted"
     with pytest.raises(Interrupted):
-        qpeft.main(args + ["--out", str(out)])
+        cli.main(args + ["--out", str(out)])
     assert (out / "qpeft-a.resume.json").exists()
     run_qpeft(args + ["--out", str(out), "--resume"], 2)
     assert "qpeft-a: resumed at step 2" in (out / "log.txt").read_text()

@@ -11,12 +11,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import cli
+import data
 import eval as ir
 import qpeft
+import train
 from conftest import SHARED, smollm2_dir
 from data import TrainExample
 from model import load
-from qpeft import (QPEFTConfig, Reranker, Template, TokenIds, TrainConfig, batch_loss, encode_prefixes, load_module,
+from train import TrainConfig
+from qpeft import (QPEFTConfig, Reranker, Template, TokenIds, batch_loss, encode_prefixes, load_module,
                    save_module, score_pairs, select_top_k)
 
 TOKENIZER_JSON = SHARED / "models" / "smollm2-135m-instruct" / "tokenizer.json"
@@ -319,19 +323,19 @@ def small_training_set(tokenizer):
              "n1": " Berlin is the capital of Germany.", "n2": " Mars is red."}
     tokens = TokenIds(queries={k: tokenizer.encode(v) for k, v in texts.items() if k.startswith("t")},
                       passages={k: tokenizer.encode(v) for k, v in texts.items() if not k.startswith("t")})
-    train = [TrainExample("t1", "p1", "n1"), TrainExample("t2", "p2", "n2"),
-             TrainExample("t3", "p3", "n1"), TrainExample("t4", "p4", "n2")]
-    return train, train[:2], tokens
+    examples = [TrainExample("t1", "p1", "n1"), TrainExample("t2", "p2", "n2"),
+                TrainExample("t3", "p3", "n1"), TrainExample("t4", "p4", "n2")]
+    return examples, examples[:2], tokens
 
 
 def dev_record(value):
     """What dev_check returns, with `value` as the selection measure (the loss terms do not matter here)."""
     return {"dev_loss": 1.0, "pointwise": 1.0, "hinge": 0.0, "active": 0.0, "accuracy": 0.5,
-            qpeft.SELECT_ON: value, "success_5": value}
+            train.SELECT_ON: value, "success_5": value}
 
 
 def tiny_dev_set(dev_examples):
-    return qpeft.DevSet("dev", [dev_examples], {"t1": ["p1", "n1"]}, {"t1": {"p1": 2.0, "n1": 1.0}},
+    return train.DevSet("dev", [dev_examples], {"t1": ["p1", "n1"]}, {"t1": {"p1": 2.0, "n1": 1.0}},
                         {"t1": {"p1": 1}}, 1)
 
 
@@ -362,12 +366,12 @@ def test_one_training_step_moves_exactly_what_has_a_gradient(tiny, tmp_path, mon
     # margin 100: every hinge is active, so every pair's hint tokens get a gradient (with margin 0, a
     # negative scored far below its positive passes none back)
     tc = TrainConfig(steps=1, queries_per_batch=2, eval_every=1, weight_decay=weight_decay, margin=100.0)
-    batch = qpeft.data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=0)[0]
+    batch = data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=0)[0]
     if method != "prompt":
         rows = expected_gradient_rows(method, reranker, llm, template, batch, tokens)
     checks = iter([0.1, 0.2])  # the step beats the untrained module on dev, so it is kept
-    monkeypatch.setattr(qpeft, "dev_check", lambda *args: dev_record(next(checks)))
-    reranker, state = qpeft.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens, tc,
+    monkeypatch.setattr(train, "dev_check", lambda *args: dev_record(next(checks)))
+    reranker, state = train.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens, tc,
                                   tmp_path, lambda message: None)
     assert state["step"] == 1 and state["best_step"] == 1
     for name, tensor in llm.state_dict().items():
@@ -396,21 +400,21 @@ def test_training_keeps_the_module_of_the_best_dev_check(tiny, tmp_path, monkeyp
     def fake_dev_check(llm, template, module, *args):
         seen.append({k: v.detach().clone() for k, v in qpeft.trainable_state(module).items()})
         return dev_record(next(values))
-    monkeypatch.setattr(qpeft, "dev_check", fake_dev_check)
+    monkeypatch.setattr(train, "dev_check", fake_dev_check)
     tc = TrainConfig(steps=3, queries_per_batch=2, eval_every=1, patience=5)
     messages = []
-    reranker, state = qpeft.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens, tc,
+    reranker, state = train.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens, tc,
                                   tmp_path, messages.append)
     assert state["best_step"] == 1 and state["step"] == 3 and len(seen) == 4
     kept = qpeft.trainable_state(reranker)
     for name, tensor in kept.items():
         assert torch.equal(tensor, seen[1][name]) and not torch.equal(tensor, seen[3][name]), name
-    assert [h[qpeft.SELECT_ON] for h in state["history"]] == [0.5, 0.9, 0.2, 0.3]
+    assert [h[train.SELECT_ON] for h in state["history"]] == [0.5, 0.9, 0.2, 0.3]
     assert "keeping the module of step 1" in messages[-1]
     # when no step beats the untrained module, the log says so plainly
     values = iter([0.5, 0.4])
     reranker = Reranker(QPEFTConfig(method="qpeft-a"), llm, template)
-    _, state = qpeft.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens,
+    _, state = train.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens,
                            TrainConfig(steps=1, queries_per_batch=2, eval_every=1), tmp_path, messages.append)
     assert state["best_step"] == 0 and "no training step beat the untrained module" in messages[-1]
 
@@ -422,9 +426,9 @@ def test_dev_check_runs_without_dropout(tiny):
     _, dev_examples, tokens = small_training_set(tokenizer)
     reranker = make_reranker("qpeft-a", llm, template, dropout=0.5)
     reranker.train()
-    first = qpeft.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens)
+    first = train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens)
     reranker.train()
-    assert qpeft.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens) == first
+    assert train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens) == first
     assert not reranker.training
 
 
@@ -543,7 +547,7 @@ def write_beir(root, splits):
 def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
     data_dir, out = write_beir(tmp_path / "beir", ["train", "dev", "test"]), tmp_path / "out"
     common = ["--model", str(tiny_dir), "--dtype", "float32", "--depth", "3"]
-    qpeft.main(["--data", str(data_dir), *common, "--methods", "zeroshot,qpeft-r,qpeft-a", "--steps", "2",
+    cli.main(["--data", str(data_dir), *common, "--methods", "zeroshot,qpeft-r,qpeft-a", "--steps", "2",
                 "--eval-every", "1", "--queries-per-batch", "2", "--out", str(out), "--dev-queries", "2"])
     methods = ["zeroshot", "qpeft-r", "qpeft-a"]
     for method in methods:
@@ -587,7 +591,7 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
 
     # --eval-only with the saved module on a folder that has ONLY a test split (no train/dev to find)
     test_only, out2 = write_beir(tmp_path / "beir_test_only", ["test"]), tmp_path / "out2"
-    qpeft.main(["--data", str(test_only), *common, "--eval-only", "--checkpoint", str(out / "qpeft-a.safetensors"),
+    cli.main(["--data", str(test_only), *common, "--eval-only", "--checkpoint", str(out / "qpeft-a.safetensors"),
                 "--out", str(out2)])
     # zero-shot (in --methods by default) is reranked beside the saved module, in one pass
     assert set(json.loads((out2 / "metrics.json").read_text())) == {"bm25", "zeroshot", "qpeft-a"}
@@ -600,7 +604,7 @@ def test_seeds_are_averaged_per_query(tiny_dir, tmp_path):
     """--seeds 2: two trained runs with their own files; the row is their mean, the SD is over the two
     runs' means, and the paired test runs on the per-query mean over seeds against zero-shot."""
     data_dir, out = write_beir(tmp_path / "beir", ["train", "dev", "test"]), tmp_path / "out"
-    qpeft.main(["--data", str(data_dir), "--model", str(tiny_dir), "--dtype", "float32", "--depth", "3",
+    cli.main(["--data", str(data_dir), "--model", str(tiny_dir), "--dtype", "float32", "--depth", "3",
                 "--methods", "zeroshot,qpeft-a", "--steps", "2", "--eval-every", "1", "--queries-per-batch", "2",
                 "--dev-queries", "2", "--seeds", "2", "--seed", "5", "--out", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
@@ -640,7 +644,7 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     args = ["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
             "--methods", "qpeft-a", "--steps", "4", "--eval-every", "1", "--queries-per-batch", "2",
             "--dev-queries", "2", "--dropout", dropout]
-    qpeft.main(args + ["--out", str(tmp_path / "straight")])
+    cli.main(args + ["--out", str(tmp_path / "straight")])
 
     class Interrupted(Exception):
         pass
@@ -655,13 +659,13 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     monkeypatch.setattr(qpeft, "batch_loss", loss_then_crash)
     out = tmp_path / "interrupted"
     with pytest.raises(Interrupted):
-        qpeft.main(args + ["--out", str(out)])
+        cli.main(args + ["--out", str(out)])
     assert (out / "qpeft-a.resume.json").exists() and not (out / "qpeft-a.safetensors").exists()
     # a pickle where older versions kept the resume state is never read: its code never runs
     marker = tmp_path / "pickle-ran"
     torch.save(Payload(marker), out / "qpeft-a.resume.pt")
     monkeypatch.setattr(qpeft, "batch_loss", real_loss)
-    qpeft.main(args + ["--out", str(out), "--resume"])
+    cli.main(args + ["--out", str(out), "--resume"])
     assert "qpeft-a: resumed at step 2" in (out / "log.txt").read_text() and not marker.exists()
     assert not (out / "qpeft-a.resume.json").exists() and not (out / "qpeft-a.resume.safetensors").exists()
     history = json.loads((out / "qpeft-a.json").read_text())["history"]
@@ -674,12 +678,12 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     for name in uninterrupted:
         assert torch.allclose(resumed[name], uninterrupted[name], atol=1e-6, rtol=0), name
     # --resume after a finished run reuses the saved module: it does not train further
-    qpeft.main(args + ["--out", str(out), "--resume", "--steps", "6"])
+    cli.main(args + ["--out", str(out), "--resume", "--steps", "6"])
     assert "qpeft-a: reusing trained module" in (out / "log.txt").read_text()
     assert json.loads((out / "metrics.json").read_text())["qpeft-a"]["training"]["steps"] == 4
     # ... but not under other module settings: its passages would be cut differently than in training
     with pytest.raises(SystemExit) as exit_info:
-        qpeft.main(args + ["--out", str(out), "--resume", "--max-passage-tokens", "8"])
+        cli.main(args + ["--out", str(out), "--resume", "--max-passage-tokens", "8"])
     assert exit_info.value.code == 2 and "trained with other settings" in capsys.readouterr().err
 
 
@@ -699,9 +703,9 @@ def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
     def clock():
         readings.append(10.0 * len(readings))
         return readings[-1]
-    monkeypatch.setattr(qpeft, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=clock))
     out = tmp_path / "out"
-    qpeft.main(["--model", str(tiny_dir), "--data", str(write_beir(tmp_path / "beir", ["train", "dev", "test"])),
+    cli.main(["--model", str(tiny_dir), "--data", str(write_beir(tmp_path / "beir", ["train", "dev", "test"])),
                 "--dtype", "float32", "--depth", "2", "--methods", "zeroshot,qpeft-a", "--steps", "1",
                 "--queries-per-batch", "2", "--dev-queries", "2", "--out", str(out)])
     # the last reading is the one the total is taken at; the first is taken before the model is loaded
@@ -711,7 +715,7 @@ def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
 # ---- bad input --------------------------------------------------------------------------------
 def test_unknown_method_is_a_clean_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        qpeft.main(["--data", "anything", "--methods", "zeroshot,bogus"])
+        cli.main(["--data", "anything", "--methods", "zeroshot,bogus"])
     assert exit_info.value.code == 2
     assert "unknown method 'bogus'" in capsys.readouterr().err
 
@@ -730,7 +734,7 @@ def test_unknown_method_is_a_clean_usage_error(capsys):
 def test_numeric_flags_are_range_checked_before_any_work(flags, message, capsys):
     """Bad numbers are argparse errors (one line, exit 2) before the model or the data is read."""
     with pytest.raises(SystemExit) as exit_info:
-        qpeft.main(["--data", "no-such-dataset", "--model", "no-such-model", *flags])
+        cli.main(["--data", "no-such-dataset", "--model", "no-such-model", *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -743,12 +747,12 @@ def test_input_errors_are_one_line(tiny_dir, tmp_path, capsys):
              (["--data", str(tmp_path / "missing")], "dataset")]
     for flags, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            qpeft.main(common + flags)
+            cli.main(common + flags)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "qpeft.py: error:" in err and message in err, err
         assert "Traceback" not in err
     with pytest.raises(ValueError, match="has no split"):
-        qpeft.main(common + ["--split", "nosuch", "--methods", "zeroshot", "--debug"])
+        cli.main(common + ["--split", "nosuch", "--methods", "zeroshot", "--debug"])
 
 
 def test_non_finite_scores_are_an_error(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -756,7 +760,7 @@ def test_non_finite_scores_are_an_error(tiny_dir, tmp_path, monkeypatch, capsys)
     real_score_pairs = qpeft.score_pairs
     monkeypatch.setattr(qpeft, "score_pairs", lambda *a: real_score_pairs(*a) * float("nan"))
     with pytest.raises(SystemExit):
-        qpeft.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--methods", "zeroshot",
+        cli.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--methods", "zeroshot",
                     "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert "zeroshot scored query" in err and "non-finite scores are not ranked" in err

@@ -1,0 +1,230 @@
+"""Training a Q-PEFT module: AdamW steps on the loss of qpeft.batch_loss, dev checks on a
+ranking metric, early stopping, the best module kept, and resuming an interrupted run."""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+import eval as ir
+from qpeft import atomic_save, batch_loss, gather, rank, rerank, trainable_state, world
+
+@dataclass
+class TrainConfig:
+    steps: int = 100               # optimizer steps, one per batch (the official code stepped per 2 pairs)
+    queries_per_batch: int = 4     # paper: 4; negatives: the batch's other positives and all its hard negatives
+    lr: float = 1e-2               # paper: 3e-2 (AdamW)
+    weight_decay: float = 0.01     # paper: 0.01; never on E' (see train)
+    margin: float = 0.0            # hinge margin on mean NLL (paper: 0.0-1.1)
+    eval_every: int = 25           # steps between dev checks (the paper stopped on the dev loss)
+    patience: int = 3              # stop after this many dev checks without a better dev SELECT_ON
+    dev_queries: int = 40          # dev queries checked (the first usable ones: all 40 of dev.graded)
+    dev_depth: int = 20            # first-stage candidates reranked per dev query at each check
+    seed: int = 0
+
+
+@dataclass
+class DevSet:
+    """What a dev check looks at: loss terms on (query, positive, hard negative) batches, and a
+    ranking metric on the first-stage candidates of the same queries (complete labels where the
+    dataset has them: msmarco_small's dev.graded)."""
+    split: str
+    batches: list        # lists of TrainExamples
+    candidates: dict     # qid -> [docid], the reranked top-N
+    first_stage: dict    # qid -> {docid: score}, the whole list (the tail keeps its order)
+    qrels: dict
+    level: int           # relevance level of the binary measures
+    prefixes: dict = field(default_factory=dict)  # passage keys/values: first check, reused after
+
+
+SELECT_ON = "ndcg_cut_10"  # the dev measure that picks the module and drives early stopping
+
+
+@torch.no_grad()
+def dev_check(llm, template, reranker, dev, margin, tokens, token_budget=4096):
+    """Dev diagnostics of the module as it is now, with dropout off: the mean loss terms over the
+    dev batches and the trec_eval means on the dev candidates. The same on every process."""
+    reranker.eval()
+    record = {}
+    for batch in dev.batches:  # each process its share of every batch; the shares add up
+        loss, terms = batch_loss(llm, template, reranker, batch, tokens, margin, share=(rank(), world()))
+        for name, value in {"dev_loss": loss, **terms}.items():
+            record[name] = record.get(name, 0.0) + value.item() / len(dev.batches)
+    shares = gather(record)
+    record = {name: sum(share[name] for share in shares) for name in record}
+    # the frozen prefix's keys/values do not change with training; the soft prompt's do
+    scores, _ = rerank(llm, template, {"m": reranker}, dev.candidates, tokens, token_budget, None,
+                       dev.prefixes if reranker.cfg.method != "prompt" else None)
+    per_query = evaluate_run(with_tail(scores["m"], dev.first_stage), dev.qrels, dev.level)
+    record.update(ir.summarize(per_query))
+    return {k: round(v, 6) for k, v in record.items()}
+
+
+def dev_line(record):
+    return (f"dev loss {record['dev_loss']:.4f} (pointwise {record['pointwise']:.4f}, hinge "
+            f"{record['hinge']:.4f}, active hinges {record['active']:.2f}), pairwise accuracy "
+            f"{record['accuracy']:.3f}, nDCG@10 {record['ndcg_cut_10']:.4f}, HR@5 {record['success_5']:.4f}")
+
+
+def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, resume=False, name=None):
+    """AdamW on the trainable parameters (fp32, like their optimizer state), early stopping on the
+    dev ranking measure SELECT_ON; the module of the best dev check is kept, the untrained one
+    (step 0) included. With `resume`, continues from out/{name}.resume.json + .safetensors
+    (written at every dev check). `name` (default: the method) names the files and log lines of this run."""
+    method = reranker.cfg.method
+    name = name or method
+    # No weight decay on E': AdamW's decay would shrink all of its ~49k rows at every step, while a
+    # batch's gradient reaches only the few dozen rows of its hint and query tokens.
+    decayed = [p for n, p in reranker.named_parameters() if p.requires_grad and n != "hint_embeddings.weight"]
+    groups = [{"params": decayed}, {"params": [p for n, p in reranker.named_parameters()
+                                               if p.requires_grad and n == "hint_embeddings.weight"],
+                                    "weight_decay": 0.0}]
+    # fused: one kernel over all parameters. E' alone is 28M fp32 values updated every step (its
+    # gradient is dense); the default per-tensor loop took 123 ms a step on 2 cores, fused 15 ms.
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=True)
+    # Under torchrun each process computes its share of every batch's queries (batch_loss); DDP
+    # averages the gradients, so each share's loss is scaled by the number of processes to make
+    # the update the single-process one. It also broadcasts rank 0's initial weights.
+    model = nn.parallel.DistributedDataParallel(reranker) if world() > 1 else reranker
+
+    def snapshot():
+        return {k: v.detach().clone() for k, v in trainable_state(reranker).items()}
+
+    resume_files = out / f"{name}.resume.json", out / f"{name}.resume.safetensors"
+    if resume and resume_files[0].exists():
+        state = load_resume(resume_files, reranker, optimizer, [asdict(reranker.cfg), asdict(tc)])
+        log(f"{name}: resumed at step {state['step']} from {resume_files[0]}")
+    else:  # the untrained module is the first candidate: training must beat it on dev
+        record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
+        state = {"step": 0, "best": snapshot(), "best_step": 0, "best_dev": record, "bad_checks": 0,
+                 "history": [{"step": 0, **record}]}
+        log(f"{name}: step 0 (untrained) {dev_line(record)}")
+    per_epoch = max(1, len(train_examples) // tc.queries_per_batch)
+    bar = tqdm(range(state["step"], tc.steps), desc=f"train {name}", initial=state["step"], total=tc.steps,
+               disable=rank() > 0)
+    for step in bar:
+        if state["bad_checks"] >= tc.patience:
+            log(f"{name}: early stop at step {step} (no dev {SELECT_ON} gain in {tc.patience} checks)")
+            break
+        epoch, index = divmod(step, per_epoch)
+        if index == 0 or step == state["step"]:  # a new shuffle each epoch, the same for the same seed
+            epoch_batches = data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch)
+        reranker.train()
+        loss, terms = model(llm, template, epoch_batches[index], tokens, tc.margin)
+        (loss * world()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world() > 1:  # the whole batch's loss and active hinges: the sum of the shares
+            loss, active = (sum(v) for v in zip(*gather((loss.item(), terms["active"].item()))))
+        else:
+            loss, active = loss.item(), terms["active"].item()
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
+            record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
+            state["history"].append({"step": step + 1, "train_loss": round(loss, 6),
+                                     "train_active": round(active, 4), **record})
+            improved = record[SELECT_ON] > state["best_dev"][SELECT_ON]
+            log(f"{name}: step {step + 1} train loss {loss:.4f}, {dev_line(record)}"
+                + (" (best)" if improved else ""))
+            if improved:
+                state.update(best_dev=record, best_step=step + 1, bad_checks=0, best=snapshot())
+            else:
+                state["bad_checks"] += 1
+            state["step"] = step + 1
+            if rank() == 0:
+                save_resume(resume_files, reranker, optimizer, state, [asdict(reranker.cfg), asdict(tc)])
+    bar.close()
+    reranker.load_state_dict(state["best"])
+    best = state["best_dev"][SELECT_ON]
+    log(f"{name}: keeping the module of step {state['best_step']} (dev {SELECT_ON} {best:.4f})"
+        + (": no training step beat the untrained module on dev" if state["best_step"] == 0 else ""))
+    return reranker.eval(), state
+
+
+def save_resume(files, reranker, optimizer, state, config):
+    """Everything training needs to continue, without pickle (a pickle runs code when read): the
+    tensors (module, best module, AdamW moments, RNG states) as safetensors, the rest as JSON,
+    written last, so the JSON's presence means the pair is complete."""
+    json_file, tensor_file = files
+    optim = optimizer.state_dict()
+    tensors = {**{f"module.{k}": v for k, v in reranker.state_dict().items()},
+               **{f"best.{k}": v for k, v in state["best"].items()},
+               **{f"optimizer.{i}.{k}": v for i, moments in optim["state"].items() for k, v in moments.items()},
+               "rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    atomic_save(lambda f: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, f), tensor_file)
+    meta = {"config": config, "param_groups": optim["param_groups"],
+            "state": {k: v for k, v in state.items() if k != "best"}}
+    atomic_save(lambda f: Path(f).write_text(json.dumps(meta)), json_file)
+
+
+def load_resume(files, reranker, optimizer, config):
+    """The training state save_resume wrote, loaded into `reranker` and `optimizer`; the RNG
+    continues where it was (dropout masks as if never interrupted). Returns train()'s state."""
+    json_file, tensor_file = files
+    meta = json.loads(json_file.read_text())
+    if meta["config"] != config:
+        raise ValueError(f"{json_file} was written with other settings; "
+                         f"rerun with the same flags or without --resume")
+    tensors, device = load_file(tensor_file), next(reranker.parameters()).device
+    part = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")}
+            for kind in ("module", "best", "optimizer")}
+    reranker.load_state_dict(part["module"])
+    moments = {}
+    for key, value in part["optimizer"].items():
+        index, name = key.split(".", 1)
+        moments.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return {**meta["state"], "best": {k: v.to(device) for k, v in part["best"].items()}}
+
+
+def make_dev_set(dataset, tc):
+    """The dev queries a training run is checked on: the first `dev_queries` of the completely
+    judged split where there is one (dev.graded), else of dev; the loss terms use those of them
+    that have a positive and a hard negative."""
+    if "dev" not in dataset.splits:
+        raise ValueError(f"{dataset.path} has no dev split (qrels/dev.tsv), needed to choose the module; "
+                         f"use --eval-only --checkpoint FILE to rerank with a trained module")
+    split = "dev.graded" if "dev.graded" in dataset.splits else "dev"
+    first_stage = dataset.first_stage(split, 1000)
+    qids = [q for q in dataset.qrels[split] if first_stage[q]][:tc.dev_queries]
+    examples = [e for e in data.training_examples(dataset, split, seed=0) if e.qid in qids]
+    return DevSet(split, data.train_batches(examples, tc.queries_per_batch, seed=0),
+                  {q: list(first_stage[q])[:tc.dev_depth] for q in qids}, {q: first_stage[q] for q in qids},
+                  {q: dataset.qrels[split][q] for q in qids}, dataset.relevance_level(split))
+
+
+def with_tail(scores, first_stage):
+    """A full run: reranked candidates first, then the rest of the first stage in its order, with
+    scores strictly below every reranked one (distinct float32 values: no invented ties)."""
+    run = {}
+    for qid, ranked in first_stage.items():
+        run[qid] = dict(scores.get(qid, {}))
+        floor = min(run[qid].values(), default=0.0)
+        rest = [d for d in ranked if d not in run[qid]]
+        for i, d in enumerate(rest):
+            run[qid][d] = floor - 1.0 - i
+    return run
+
+
+MEASURES = ["ndcg_cut_10", "recall_10", "recall_20", "success_1", "success_5", "success_20"]
+
+
+def evaluate_run(run, qrels, level):
+    """Per-query values of MEASURES and MRR@10 (= recip_rank on the top 10: trec_eval's has no cutoff)."""
+    per_query = ir.evaluate(qrels, run, MEASURES, relevance_level=level)
+    mrr = ir.evaluate(qrels, ir.cut_run(run, 10), ["recip_rank"], relevance_level=level)
+    for qid in per_query:
+        per_query[qid]["mrr_10"] = mrr[qid]["recip_rank"]
+    return per_query
+
