@@ -1,9 +1,10 @@
-"""How fast qpeft runs on this machine, in one run: `python bench.py` (no flags needed;
-`--device cuda` on a GPU, `--shape tinyllama-1.1b` or `llama2-7b` for random weights in those shapes).
+"""How fast qpeft runs on this machine, in one run: `python bench.py` (no flags needed; `--device
+cuda` on a GPU, `--shape tinyllama-1.1b` or `llama2-7b` for random weights in those shapes).
 
 1. the matmul peak of this device in the dtype used (the fastest of five sizes), the yardstick for
    everything below;
-2. zero-shot and Q-PEFT-A scoring of msmarco_small test pairs: pairs/s, tokens/s, GFLOP/s, % of peak;
+2. zero-shot and Q-PEFT-A scoring of msmarco_small test pairs: pairs/s, tokens/s, GFLOP/s, % of
+   peak;
 3. Q-PEFT-A training steps: the fast path (passage keys/values computed once per batch, logits only
    at query positions) against the naive one (every pair's full sequence, logits everywhere);
 4. if `transformers` is importable, the same pairs through LlamaForCausalLM, same dtype and batches;
@@ -20,6 +21,7 @@ the work of the tokens after the passage (input gradients only, no weight gradie
 Every timing is the best of `--repeats` runs after one untimed run, like the matmul peak it is
 compared with.
 """
+
 import argparse
 import json
 import time
@@ -28,12 +30,52 @@ import torch
 
 import data
 import qpeft
-from model import LlamaConfig, Transformer, default_dtype, find_asset, load, rope_frequencies
+from model import LlamaConfig, Transformer, default_dtype, load, rope_frequencies
 
 # Random weights in the shapes of bigger Llamas (config.json values), with the tokenizer of --model:
 # the vocabulary is the tokenizer's, so the logits cost what that tokenizer's would.
-SHAPES = {"tinyllama-1.1b": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64, hidden_dim=5632),
-          "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008)}
+SHAPES = {
+    "tinyllama-1.1b": dict(
+        dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64, hidden_dim=5632
+    ),
+    "llama2-7b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008
+    ),
+}
+
+
+def score_pairs_uncached(llm, template, reranker, queries, passages):
+    """What score_pairs computes, the slow way: every pair's whole sequence in one causal pass
+    and logits at every position. The reference in the tests and the baseline in bench.py."""
+    dev = llm.tok_embeddings.weight.device
+    dtype = llm.tok_embeddings.weight.dtype
+    hints = (
+        reranker.hint_block(llm, template, queries, passages)
+        if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a")
+        else [None] * len(queries)
+    )
+    sequences, first_target = [], []
+    for hint, q, p in zip(hints, queries, passages):
+        prefix = torch.cat(
+            [
+                qpeft.embed_head(llm, template, reranker),  # (S, D)
+                llm.tok_embeddings(torch.tensor(p + template.passage_close, device=dev)),
+            ]
+        )
+        text = llm.tok_embeddings(torch.tensor(template.question + q + [template.eos], device=dev))
+        sequences.append(
+            torch.cat([prefix] + ([hint.to(dtype)] if hint is not None else []) + [text])
+        )
+        first_target.append(len(sequences[-1]) - len(q) - 1)
+    x = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # (N, T, D) right-padded
+    h, _ = llm.hidden(x, torch.arange(x.shape[1], device=dev).expand(len(sequences), -1))
+    logprobs = torch.log_softmax(llm.logits(h), dim=-1)  # (N, T, V) float32
+    scores = []
+    for i, (q, start) in enumerate(zip(queries, first_target)):
+        target = torch.tensor(q + [template.eos], device=dev)
+        scores.append(logprobs[i, start - 1 + torch.arange(len(target), device=dev), target].mean())
+    return torch.stack(scores)
+
 
 
 def random_model(cfg, shape, dtype, device):
@@ -58,35 +100,37 @@ def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-TOKEN_BUDGET = 4096  # prompt tokens per scoring batch: qpeft.py's --token-budget default, for every path below
+
+# prompt tokens per scoring batch: qpeft.py's --token-budget default, for every path below
+TOKEN_BUDGET = 4096
 
 
 def matmul_peak(dtype, device, sizes=(768, 1024, 1280, 1536, 2048), flop_per_try=1e11):
     """GFLOP/s of the fastest n x n x n matmul over a few sizes, best of 3 tries each: the
-    machine's practical peak. One size is not enough: on the 2-core EPYC, 2048 ran at 736-781
-    GFLOP/s in bf16 where 768-1280 ran at 815-896, and the model's own weight shapes at 3,700 rows
-    at 800-870, above a 2048-only "peak"."""
+    machine's practical peak. One size is not enough: on some CPUs a mid-sized matmul runs faster
+    than the largest, and the model's own weight shapes can beat a one-size "peak"."""
     best_gflops = 0.0
     if device.type == "cuda":  # a GPU needs bigger matmuls and more of them to reach its peak
         sizes, flop_per_try = (4096, 8192, 16384), 1e14
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         a @ b
-        repeats = max(1, round(flop_per_try / (2 * n ** 3)))
+        repeats = max(1, round(flop_per_try / (2 * n**3)))
         for _ in range(3):
             synchronize(device)
             start = time.perf_counter()
             for _ in range(repeats):
                 a @ b
             synchronize(device)
-            best_gflops = max(best_gflops, 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9)
+            best_gflops = max(best_gflops, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
     return best_gflops
 
 
 def timed(fn, repeats, device):
     """fn's result and its best wall time over `repeats` calls, after one untimed call: the first
-    pass grows the heap to its working set (tens of thousands of page faults; after a one-query
-    warm-up the first two timed passes still had them) and compiles, under --compile."""
+    pass grows the heap to its working set (page faults a short warm-up does not exhaust) and
+    compiles, under --compile."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -105,7 +149,9 @@ def reset_memory(device):
 
 def peak_memory(device):
     """MB of device memory at its peak since reset_memory (CUDA only; nan elsewhere)."""
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else float("nan")
+    if device.type != "cuda":
+        return float("nan")
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def main():
@@ -115,48 +161,69 @@ def main():
     p.add_argument("--queries", type=int, default=8, help="test queries to score")
     p.add_argument("--depth", type=int, default=20, help="candidates per query")
     p.add_argument("--train-steps", type=int, default=4, help="training steps timed per path")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement; the best counts")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="auto: bfloat16 on CUDA and where the CPU multiplies it natively, else float32")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best counts")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="auto: bfloat16 on CUDA and where the CPU multiplies it natively, else float32",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
-                   help="random weights in this model's shape instead of --model's (its tokenizer is kept)")
+    p.add_argument(
+        "--shape",
+        default=None,
+        choices=sorted(SHAPES),
+        help="random weights in this model's shape instead of --model's (its tokenizer is kept)",
+    )
     args = p.parse_args()
     device = qpeft.setup_device(args.device)
     if args.dtype == "auto":
-        args.dtype = str(default_dtype(device))[len("torch."):]
+        args.dtype = str(default_dtype(device))[len("torch.") :]
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
 
-    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device) \
-        if device.type == "cuda" else str(device)
+    where = str(device)
+    if device.type == "cpu":
+        where = f"{torch.get_num_threads()} threads"
+    elif device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
     peak = matmul_peak(dtype, device)
-    print(f"matmul peak ({where}): {args.dtype} {peak:.0f} GFLOP/s (measured again at the end; the higher counts)")
+    print(
+        f"matmul peak ({where}): {args.dtype} {peak:.0f} GFLOP/s (measured again at the end; "
+        "the higher counts)"
+    )
 
-    llm, tokenizer = load(args.model, dtype=dtype, device=device)
+    model_dir = data.find_asset(args.model, "models")
+    llm, tokenizer = load(model_dir, dtype=dtype, device=device)
     if args.shape:
         llm = random_model(llm.cfg, SHAPES[args.shape], dtype, device)
     cfg = llm.cfg
     # Parameters outside the embedding table and lm_head (named_parameters lists a tied table once).
-    dense = sum(p.numel() for n, p in llm.named_parameters() if n not in ("tok_embeddings.weight", "output.weight"))
+    tables = ("tok_embeddings.weight", "output.weight")
+    dense = sum(p.numel() for n, p in llm.named_parameters() if n not in tables)
     dataset = data.load_dataset(args.data)
-    candidates = dict(list(dataset.candidates("test", args.depth).items())[:args.queries])
+    candidates = dict(list(dataset.candidates("test", args.depth).items())[: args.queries])
     template = qpeft.Template(tokenizer, qpeft.QPEFTConfig().instruction)
     examples = data.training_examples(dataset, "train", seed=0)
     texts = {d: " " + dataset.corpus[d] for docs in candidates.values() for d in docs}
-    texts.update({d: " " + dataset.corpus[d] for e in examples for d in (e.positive_docid, e.hard_negative_docid)})
+    train_docids = [d for e in examples for d in (e.positive_docid, e.hard_negative_docid)]
+    texts.update({d: " " + dataset.corpus[d] for d in train_docids})
     query_ids = list(candidates) + [e.qid for e in examples]
+    max_tokens = qpeft.QPEFTConfig().max_passage_tokens
     tokens = qpeft.TokenIds(
-        passages=data.tokenize_texts(tokenizer, texts, max_tokens=qpeft.QPEFTConfig().max_passage_tokens),
-        queries=data.tokenize_texts(tokenizer, {q: dataset.queries[q] for q in query_ids}))
+        passages=data.tokenize_texts(tokenizer, texts, max_tokens=max_tokens),
+        queries=data.tokenize_texts(tokenizer, {q: dataset.queries[q] for q in query_ids}),
+    )
     pairs = [(q, d) for q, docs in candidates.items() for d in docs]
-    prefix_len = {d: len(template.prefix(ids)) for d, ids in tokens.passages.items()}  # P + passage tokens
+    # P + passage tokens
+    prefix_len = {d: len(template.prefix(ids)) for d, ids in tokens.passages.items()}
     n_pairs = len(pairs)
     zeroshot = qpeft.Reranker(qpeft.QPEFTConfig(method="zeroshot"), llm, template)
     qpeft_a = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).eval()
 
     def attention_flops(start, length):
-        """Scores and weighted values of `length` tokens at positions start.. (causal: key count = position + 1)."""
+        """Scores and weighted values of `length` tokens at positions start.. (causal: key count =
+        position + 1)."""
         key_pairs = (start + 1 + start + length) * length // 2
         return 4 * cfg.n_heads * cfg.head_dim * cfg.n_layers * key_pairs
 
@@ -167,56 +234,83 @@ def main():
         per batch, then each passage's own tokens, which also attend to the head."""
         own = [prefix_len[d] - head for d in docids]
         n_tokens = n_batches * head + sum(own)
-        return n_tokens, (2 * dense * n_tokens + n_batches * attention_flops(0, head)
-                          + sum(attention_flops(head, n) for n in own))
+        attention = n_batches * attention_flops(0, head) + sum(
+            attention_flops(head, n) for n in own
+        )
+        return n_tokens, 2 * dense * n_tokens + attention
 
     def scoring_flops(hint_tokens):
-        docids = sorted({d for _, d in pairs})                                     # once per passage
-        n_batches = len(data.token_budget_batches([prefix_len[d] for d in docids], TOKEN_BUDGET))  # as rerank does
+        docids = sorted({d for _, d in pairs})  # once per passage
+        # passage batches as rerank makes them
+        n_batches = len(data.token_budget_batches([prefix_len[d] for d in docids], TOKEN_BUDGET))
         prefix_tokens, prefix_flops = passage_work(n_batches, docids)
         targets = sum(len(tokens.queries[q]) + 1 for q, _ in pairs)
-        suffixes = [(prefix_len[d], len(template.question) + hint_tokens(q)
-                     + len(tokens.queries[q]) + 1) for q, d in pairs]
+        suffix_len = {
+            q: len(template.question) + hint_tokens(q) + len(tokens.queries[q]) + 1
+            for q in candidates
+        }
+        suffixes = [(prefix_len[d], suffix_len[q]) for q, d in pairs]
         n_tokens = prefix_tokens + sum(n for _, n in suffixes)
-        flops = (prefix_flops + 2 * dense * sum(n for _, n in suffixes) + 2 * cfg.dim * cfg.vocab_size * targets
-                 + sum(attention_flops(s, n) for s, n in suffixes))
+        flops = (
+            prefix_flops
+            + 2 * dense * sum(n for _, n in suffixes)
+            + 2 * cfg.dim * cfg.vocab_size * targets
+            + sum(attention_flops(s, n) for s, n in suffixes)
+        )
         return n_tokens, flops
 
     rows, figures, gflops_of = [], {}, {}
+
+    def add_row(name, n_done, n_tokens, flops, seconds):
+        """A table row: pairs/s, tokens/s, GFLOP/s and the peak memory since reset_memory."""
+        row = (
+            name,
+            n_done / seconds,
+            n_tokens / seconds,
+            flops / seconds / 1e9,
+            peak_memory(device),
+        )
+        rows.append(row)
+
     wrap = len(template.hints_open) + len(template.hints_close)
-    for name, reranker, hint_tokens in [("zeroshot", zeroshot, lambda q: 0),
-                                        ("qpeft-a", qpeft_a, lambda q: wrap + len(tokens.queries[q]))]:
+    hints = {"zeroshot": lambda q: 0, "qpeft-a": lambda q: wrap + len(tokens.queries[q])}
+
+    def score(name, reranker, desc):
+        return qpeft.rerank(llm, template, {name: reranker}, candidates, tokens, TOKEN_BUDGET, desc)
+
+    for name, reranker in [("zeroshot", zeroshot), ("qpeft-a", qpeft_a)]:
         reset_memory(device)
-        (ours, _), seconds = timed(lambda: qpeft.rerank(llm, template, {name: reranker}, candidates, tokens,
-                                                        TOKEN_BUDGET, f"score {name}"), args.repeats, device)
-        n_tokens, flops = scoring_flops(hint_tokens)
-        rows.append((f"score {name}", n_pairs / seconds, n_tokens / seconds, flops / seconds / 1e9,
-                     peak_memory(device)))
+        (ours, _), seconds = timed(
+            lambda: score(name, reranker, f"score {name}"), args.repeats, device
+        )
+        n_tokens, flops = scoring_flops(hints[name])
+        add_row(f"score {name}", n_pairs, n_tokens, flops, seconds)
         if name == "zeroshot":
             zeroshot_scores = ours[name]
             figures["score_pairs_per_s"] = round(n_pairs / seconds, 2)
             gflops_of["score"] = flops / seconds / 1e9
 
     # Training: the same batches through the fast path and the naive one.
-    batches = data.train_batches(examples, 4, seed=0)[:args.train_steps]
+    batches = data.train_batches(examples, 4, seed=0)[: args.train_steps]
     train = {}
     for path in ("fast", "naive"):
         reranker = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).train()
-        optimizer = torch.optim.AdamW([p for p in reranker.parameters() if p.requires_grad], lr=3e-2, fused=True)
+        trainable = [p for p in reranker.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=3e-2, fused=True)
 
         def step(batch):
             if path == "fast":
-                loss, _ = qpeft.batch_loss(llm, template, reranker, batch, tokens, margin=0.0)
+                loss, _ = train.batch_loss(llm, template, reranker, batch, tokens, margin=0.0)
             else:
-                pairs_ = qpeft.batch_pairs(batch)
-                scores = qpeft.score_pairs_uncached(llm, template, reranker,
-                                                    [tokens.queries[batch[i].qid] for i, _, _ in pairs_],
-                                                    [tokens.passages[d] for _, d, _ in pairs_])
-                loss, _ = qpeft.ranking_loss(scores, pairs_, margin=0.0)
+                pairs_ = train.batch_pairs(batch)
+                queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs_]
+                passages = [tokens.passages[d] for _, d, _ in pairs_]
+                scores = score_pairs_uncached(llm, template, reranker, queries, passages)
+                loss, _ = train.ranking_loss(scores, pairs_, margin=0.0)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return len(qpeft.batch_pairs(batch))
+            return len(train.batch_pairs(batch))
 
         reset_memory(device)
         step(batches[0])  # warm-up
@@ -226,18 +320,24 @@ def main():
         synchronize(device)
         seconds = time.perf_counter() - start
         # FLOPs of the fast path's work (the naive path does more, all of it counted as waste)
-        passages, passage_flops = passage_work(len(batches), [
-            d for b in batches for d in {e.positive_docid for e in b} | {e.hard_negative_docid for e in b}])
-        pairs_ = [(len(tokens.queries[b[i].qid]), prefix_len[d]) for b in batches for i, d, _ in qpeft.batch_pairs(b)]
-        targets = sum(n + 1 for n, _ in pairs_)                                       # query tokens + eos
-        suffixes = [(s, wrap + len(template.question) + 2 * n + 1) for n, s in pairs_]  # H holds n vectors too
+        batch_docids = [
+            {e.positive_docid for e in b} | {e.hard_negative_docid for e in b} for b in batches
+        ]
+        passages, passage_flops = passage_work(len(batches), [d for ds in batch_docids for d in ds])
+        pairs_ = [
+            (len(tokens.queries[b[i].qid]), prefix_len[d])
+            for b in batches
+            for i, d, _ in train.batch_pairs(b)
+        ]
+        targets = sum(n + 1 for n, _ in pairs_)  # query tokens + eos
+        # after the passage: hints (H holds the query's n vectors too), question, query, eos
+        suffixes = [(s, wrap + len(template.question) + 2 * n + 1) for n, s in pairs_]
         suffix = sum(n for _, n in suffixes)
-        flops = (passage_flops                                                         # forward only
-                 + 2 * (2 * dense * suffix + sum(attention_flops(s, n) for s, n in suffixes))  # forward + backward
-                 + 4 * cfg.dim * cfg.vocab_size * targets)
+        suffix_flops = 2 * dense * suffix + sum(attention_flops(s, n) for s, n in suffixes)
+        # the passages forward only; the rest forward and backward; logits at the targets
+        flops = passage_flops + 2 * suffix_flops + 4 * cfg.dim * cfg.vocab_size * targets
         train[path] = trained_pairs / seconds
-        rows.append((f"train qpeft-a ({path})", trained_pairs / seconds, (passages + suffix) / seconds,
-                     flops / seconds / 1e9, peak_memory(device)))
+        add_row(f"train qpeft-a ({path})", trained_pairs, passages + suffix, flops, seconds)
         if path == "fast":
             figures["train_pairs_per_s"] = round(trained_pairs / seconds, 2)
             gflops_of["train"] = flops / seconds / 1e9
@@ -248,60 +348,79 @@ def main():
     except ImportError:
         transformers = None
     if transformers is not None and not args.shape:
-        hf = transformers.LlamaForCausalLM.from_pretrained(find_asset(args.model, "models"), dtype=dtype)
+        hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
         hf = hf.to(device).eval()
         lengths = [prefix_len[d] for _, d in pairs]
-        batches = data.token_budget_batches(lengths, TOKEN_BUDGET)  # the same passage batches as ours (one pair each)
+        # the same passage batches as ours (one pair each)
+        batches = data.token_budget_batches(lengths, TOKEN_BUDGET)
 
-        def hf_scores():  # what a transformers user writes: full sequences, full logits, log_softmax
+        def hf_scores():  # what a transformers user writes: whole sequences, logits, log_softmax
             scores = {}
             with torch.no_grad():
                 for batch in batches:
                     queries = [tokens.queries[pairs[i][0]] for i in batch]
-                    seqs = [template.prefix(tokens.passages[pairs[i][1]]) + template.question + q + [template.eos]
-                            for i, q in zip(batch, queries)]
+                    prefixes = [template.prefix(tokens.passages[pairs[i][1]]) for i in batch]
+                    seqs = [
+                        p + template.question + q + [template.eos]
+                        for p, q in zip(prefixes, queries)
+                    ]
                     ids, mask = qpeft.pad_ids(seqs, device)
-                    logprobs = torch.log_softmax(hf(input_ids=ids, attention_mask=mask.long()).logits.float(), -1)
+                    logits = hf(input_ids=ids, attention_mask=mask.long()).logits
+                    logprobs = torch.log_softmax(logits.float(), -1)
                     for row, (i, seq, q) in enumerate(zip(batch, seqs, queries)):
-                        at = torch.arange(len(seq) - len(q) - 2, len(seq) - 1, device=device)  # predicting q + eos
-                        scores[pairs[i]] = logprobs[row, at, torch.tensor(seq, device=device)[at + 1]].mean().item()
+                        # the positions predicting q + eos
+                        at = torch.arange(len(seq) - len(q) - 2, len(seq) - 1, device=device)
+                        target = torch.tensor(seq, device=device)[at + 1]
+                        scores[pairs[i]] = logprobs[row, at, target].mean().item()
             return scores
 
         reset_memory(device)
         theirs, seconds = timed(hf_scores, args.repeats, device)
-        rows.append(("score zeroshot (transformers)", n_pairs / seconds, float("nan"), float("nan"),
-                     peak_memory(device)))
+        add_row("score zeroshot (transformers)", n_pairs, float("nan"), float("nan"), seconds)
         figures["hf_ratio"] = round(figures["score_pairs_per_s"] / (n_pairs / seconds), 2)
-        figures["hf_max_abs_score_diff"] = round(max(abs(theirs[q, d] - zeroshot_scores[q][d]) for q, d in pairs), 4)
+        diff = max(abs(theirs[q, d] - zeroshot_scores[q][d]) for q, d in pairs)
+        figures["hf_max_abs_score_diff"] = round(diff, 4)
 
-    # torch.compile'd blocks (qpeft.py --compile), last because compiling changes the model for good.
+    # torch.compile'd blocks (qpeft.py --compile), last: compiling changes the model for good.
     try:
         llm.compile_blocks()
         reset_memory(device)
-        _, seconds = timed(lambda: qpeft.rerank(llm, template, {"zeroshot": zeroshot}, candidates, tokens,
-                                                TOKEN_BUDGET, "score zeroshot compiled"), args.repeats, device)
-        n_tokens, flops = scoring_flops(lambda q: 0)
-        rows.append(("score zeroshot (--compile)", n_pairs / seconds, n_tokens / seconds, flops / seconds / 1e9,
-                     peak_memory(device)))
+        compiled = "score zeroshot compiled"
+        _, seconds = timed(lambda: score("zeroshot", zeroshot, compiled), args.repeats, device)
+        n_tokens, flops = scoring_flops(hints["zeroshot"])
+        add_row("score zeroshot (--compile)", n_pairs, n_tokens, flops, seconds)
         figures["score_pairs_per_s_compiled"] = round(n_pairs / seconds, 2)
         gflops_of["score_compiled"] = flops / seconds / 1e9
-    except Exception as e:  # no C++ compiler, or an inductor bug on this platform: the eager figures stand
-        print(f"torch.compile failed here, no compiled row: {type(e).__name__}: {str(e).splitlines()[0]}")
+    except Exception as e:  # no C++ compiler, or an inductor bug here: the eager figures stand
+        first_line = str(e).splitlines()[0]
+        print(f"torch.compile failed here, no compiled row: {type(e).__name__}: {first_line}")
 
     peak = max(peak, matmul_peak(dtype, device))
-    figures = {"device": where, "dtype": args.dtype, "shape": args.shape or args.model,
-               "peak_gflops": round(peak, 1), **figures}
+    figures = {
+        "device": where,
+        "dtype": args.dtype,
+        "shape": args.shape or args.model,
+        "peak_gflops": round(peak, 1),
+        **figures,
+    }
     figures.update({f"{key}_frac_peak": round(g / peak, 3) for key, g in gflops_of.items()})
-    print(f"\n{n_pairs} test pairs ({args.queries} queries x {args.depth}), {args.dtype} on {where}, "
-          f"{args.shape or args.model}, {dense / 1e6:.1f}M dense parameters; % of the {args.dtype} matmul "
-          f"peak ({peak:.0f} GFLOP/s, the higher of the two measurements)")
+    print(
+        f"\n{n_pairs} test pairs ({args.queries} queries x {args.depth}), {args.dtype} on {where}, "
+        f"{args.shape or args.model}, {dense / 1e6:.1f}M dense parameters; % of the {args.dtype} "
+        f"matmul peak ({peak:.0f} GFLOP/s, the higher of the two measurements)"
+    )
     print(f"{'':34}{'pairs/s':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'% peak':>8}{'peak MB':>9}")
     for name, pairs_s, tokens_s, gflops, memory in rows:
-        print(f"{name:34}{pairs_s:9.2f}{tokens_s:10.0f}{gflops:9.1f}{100 * gflops / peak:7.1f}%{memory:9.0f}")
-    print(f"training: fast path {figures['train_speedup_vs_naive']:.2f}x the naive path's pairs/s"
-          + (f"; zero-shot scoring {figures['hf_ratio']:.2f}x transformers (scores agree within "
-             f"{figures['hf_max_abs_score_diff']})" if "hf_ratio" in figures else
-             "; transformers not installed (pip install transformers to compare)"))
+        share = 100 * gflops / peak
+        print(f"{name:34}{pairs_s:9.2f}{tokens_s:10.0f}{gflops:9.1f}{share:7.1f}%{memory:9.0f}")
+    versus_hf = "; transformers not installed (pip install transformers to compare)"
+    if "hf_ratio" in figures:
+        versus_hf = (
+            f"; zero-shot scoring {figures['hf_ratio']:.2f}x transformers (scores agree "
+            f"within {figures['hf_max_abs_score_diff']})"
+        )
+    speedup = figures["train_speedup_vs_naive"]
+    print(f"training: fast path {speedup:.2f}x the naive path's pairs/s" + versus_hf)
     print(json.dumps(figures))
 
 

@@ -1,4 +1,5 @@
-"""Data for reranking: dataset folders, first-stage candidates, BM25, training pairs, batching.
+"""Data for reranking: asset lookup ($QPEFT_HOME), dataset folders, first-stage candidates, BM25,
+training pairs, batching.
 
 A dataset is a folder in BEIR layout (see shared/data/*/README.md):
     corpus.jsonl           {"_id", "title", "text"}       one passage per line
@@ -9,10 +10,13 @@ A dataset is a folder in BEIR layout (see shared/data/*/README.md):
 A split exists when qrels/{split}.tsv exists, and its queries are the qids of that file, so
 msmarco_small has train, dev, dev.graded and test. Bad data raises ValueError("file:line: what");
 the few cases where skipping is the sane choice print a counted warning to stderr.
-Credits: BM25 mirrors Lucene's BM25Similarity and Anserini's bag-of-words query; run order is trec_eval's.
+Credits: BM25 mirrors Lucene's BM25Similarity and Anserini's bag-of-words query; run order is
+trec_eval's.
 """
+
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -25,7 +29,6 @@ import numpy as np
 from tqdm import tqdm
 
 from eval import text_lines
-from model import find_asset
 
 
 def _warn(message):
@@ -69,12 +72,14 @@ def _read_qrels(path, queries):
         if n == 1 and cols[:2] == ["query-id", "corpus-id"]:
             continue
         if len(cols) != 3 or not re.fullmatch(r"\s*-?\d+\s*", cols[2]):
-            raise ValueError(f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>integer score', got {line!r}")
+            raise ValueError(
+                f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>integer score', got {line!r}"
+            )
         qid, docid, grade = cols[0], cols[1], int(cols[2])
         if any(c.isspace() for c in qid + docid):
             raise ValueError(f"{path}:{n}: id {qid!r} or {docid!r} holds whitespace")
         if qid not in queries:
-            raise ValueError(f"{path}:{n}: query {qid!r} has no text in queries.jsonl")
+            raise ValueError(f"{path}:{n}: query {qid!r} has no text in the queries")
         if docid in qrels.setdefault(qid, {}):
             raise ValueError(f"{path}:{n}: query {qid!r} judges passage {docid!r} twice")
         qrels[qid][docid] = grade
@@ -82,7 +87,7 @@ def _read_qrels(path, queries):
 
 
 def _read_run(path, corpus, queries):
-    """{qid: {docid: score}} from a TREC run; every passage must have text, or it cannot be reranked."""
+    """{qid: {docid: score}} from a TREC run; every passage needs text, or it cannot be reranked."""
     run = {}
     for n, line in _lines(path):
         cols = line.split()
@@ -90,13 +95,15 @@ def _read_run(path, corpus, queries):
             qid, _, docid, rank, score, _ = cols
             int(rank), float(score)
         except ValueError:
-            raise ValueError(f"{path}:{n}: expected 'qid Q0 docid rank score tag', got {line!r}") from None
+            raise ValueError(
+                f"{path}:{n}: expected 'qid Q0 docid rank score tag', got {line!r}"
+            ) from None
         if not math.isfinite(float(score)):
             raise ValueError(f"{path}:{n}: score {score} is not finite")
         if qid not in queries:
-            raise ValueError(f"{path}:{n}: query {qid!r} has no text in queries.jsonl")
+            raise ValueError(f"{path}:{n}: query {qid!r} has no text in the queries")
         if docid not in corpus:
-            raise ValueError(f"{path}:{n}: passage {docid!r} is not in corpus.jsonl")
+            raise ValueError(f"{path}:{n}: passage {docid!r} is not in the corpus")
         if docid in run.setdefault(qid, {}):
             raise ValueError(f"{path}:{n}: passage {docid!r} listed twice for query {qid!r}")
         run[qid][docid] = float(score)
@@ -107,18 +114,20 @@ def ranked(scores):
     """{docid: score} in trec_eval's order: score descending, ties by docid descending (as strings).
     Runs are read by score, not by their rank column, so that the candidates we rerank and the
     BM25 baseline we report are the lists trec_eval sees (the two differ only on tied scores)."""
-    return dict(sorted(scores.items(), key=lambda item: (np.float32(item[1]), item[0]), reverse=True))
+    return dict(
+        sorted(scores.items(), key=lambda item: (np.float32(item[1]), item[0]), reverse=True)
+    )
 
 
 @dataclass
 class Dataset:
     name: str
     path: Path
-    corpus: dict[str, str]                       # docid -> "title text" (just text if no title)
-    queries: dict[str, str]                      # qid -> text, for all splits
+    corpus: dict[str, str]  # docid -> "title text" (just text if no title)
+    queries: dict[str, str]  # qid -> text, for all splits
     qrels: dict[str, dict[str, dict[str, int]]]  # split -> qid -> docid -> grade
     runs: dict[str, dict[str, dict[str, float]]]  # split -> qid -> docid -> first-stage score
-    official_negatives: dict[str, list[str]]     # qid -> the dataset's official negatives, if any
+    official_negatives: dict[str, list[str]]  # qid -> the dataset's official negatives, if any
 
     @property
     def splits(self):
@@ -126,13 +135,19 @@ class Dataset:
 
     def _split(self, split):
         if split not in self.qrels:
-            raise ValueError(f"{self.name} has no split {split!r} (splits: {', '.join(self.splits)})")
+            raise ValueError(
+                f"{self.name} has no split {split!r} (splits: {', '.join(self.splits)})"
+            )
         return self.qrels[split]
 
     def relevance_level(self, split):
         """Minimum grade that counts as relevant in binary measures (MRR, Recall, HR). TREC DL
         convention: graded qrels (any grade above 1, e.g. DL19's 0-3) use >= 2; binary ones >= 1."""
-        return 2 if any(g > 1 for judged in self._split(split).values() for g in judged.values()) else 1
+        return (
+            2
+            if any(g > 1 for judged in self._split(split).values() for g in judged.values())
+            else 1
+        )
 
     @cached_property
     def bm25(self):  # built on first use only: most splits come with a run
@@ -146,7 +161,8 @@ class Dataset:
             return {q: dict(self.bm25.search(self.queries[q], depth)) for q in qids}
         run = self.runs[split]
         if missing := sum(q not in run for q in qids):
-            _warn(f"{self.name}/{split}: {missing} of {len(qids)} queries are not in the run (no candidates)")
+            what = f"{missing} of {len(qids)} queries are not in the run (no candidates)"
+            _warn(f"{self.name}/{split}: {what}")
         return {q: dict(list(ranked(run.get(q, {})).items())[:depth]) for q in qids}
 
     def candidates(self, split, depth):
@@ -154,26 +170,52 @@ class Dataset:
         return {q: list(scores) for q, scores in self.first_stage(split, depth).items()}
 
 
+def find_asset(name_or_path, kind):
+    """A model or dataset given as a path, or as a name under $QPEFT_HOME/{kind}/ (kind "models"
+    or "data")."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    home = Path(os.environ.get("QPEFT_HOME", "~/.cache/qpeft")).expanduser()
+    path = home / kind / str(name_or_path)
+    if not path.exists():
+        what = {"models": "model", "data": "dataset"}.get(kind, kind)
+        raise FileNotFoundError(
+            f"{what} '{name_or_path}' not found: no such path, and no {path} "
+            f"(set QPEFT_HOME or see README 'Set-up')"
+        )
+    return path
+
+
 def load_dataset(name_or_path):
     """A dataset folder given as a path, or as a name under $QPEFT_HOME/data/."""
     path = find_asset(name_or_path, "data")
     # A passage is "title text" when it has a title (BEIR convention), else just its text.
-    corpus = {i: f"{r['title']} {r['text']}" if r.get("title") else r["text"]
-              for i, r in _read_jsonl(path / "corpus.jsonl", ("_id", "text")).items()}
-    queries = {i: r["text"] for i, r in _read_jsonl(path / "queries.jsonl", ("_id", "text")).items()}
-    qrels = {f.name[:-len(".tsv")]: _read_qrels(f, queries) for f in sorted((path / "qrels").glob("*.tsv"))}
+    corpus = {
+        i: f"{r['title']} {r['text']}" if r.get("title") else r["text"]
+        for i, r in _read_jsonl(path / "corpus.jsonl", ("_id", "text")).items()
+    }
+    queries = {
+        i: r["text"] for i, r in _read_jsonl(path / "queries.jsonl", ("_id", "text")).items()
+    }
+    qrels = {
+        f.name[: -len(".tsv")]: _read_qrels(f, queries)
+        for f in sorted((path / "qrels").glob("*.tsv"))
+    }
     if not qrels:
         raise FileNotFoundError(f"missing file: {path / 'qrels'}/{{split}}.tsv (no split defined)")
     files = {}  # runs/{split}.{tag}.trec: the tag is the last dot-free part before ".trec"
     for f in sorted((path / "runs").glob("*.trec")):
-        files.setdefault(f.name[:-len(".trec")].rsplit(".", 1)[0], []).append(f)
+        files.setdefault(f.name[: -len(".trec")].rsplit(".", 1)[0], []).append(f)
     runs = {}
     for split, found in files.items():
         if split not in qrels:
             _warn(f"{path / 'runs'}: ignoring {found[0].name}: no qrels/{split}.tsv")
             continue
         if len(found) > 1:  # several first stages for one split: the sorted first one, said loudly
-            _warn(f"{split}: several runs ({', '.join(f.name for f in found)}); using {found[0].name}")
+            _warn(
+                f"{split}: several runs ({', '.join(f.name for f in found)}); using {found[0].name}"
+            )
         runs[split] = _read_run(found[0], corpus, queries)
     # A second set of judgments for a split's queries ("dev.graded" for "dev") has the same
     # candidates: the graded labels were collected on exactly that run.
@@ -194,13 +236,121 @@ def _read_official_negatives(path):
     for n, line in _lines(file):
         try:
             rec = json.loads(line)
-            official = rec["n_official"] if "n_official" in rec else \
-                int(str(rec.get("neg_source")).startswith("neg[0]: official"))
+            official = (
+                rec["n_official"]
+                if "n_official" in rec
+                else int(str(rec.get("neg_source")).startswith("neg[0]: official"))
+            )
             if official:
                 negatives[rec["_id"]] = rec["neg"][:official]
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"{file}:{n}: expected {{'_id', 'neg': [...], 'n_official'}}") from None
+            raise ValueError(
+                f"{file}:{n}: expected {{'_id', 'neg': [...], 'n_official'}}"
+            ) from None
     return negatives
+
+
+def read_texts(path):
+    """{id: text} of a queries or passages file: jsonl {"_id", "text"[, "title"]} (a title goes
+    before the text, as in BEIR corpora) or tsv id<TAB>text."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        records = _read_jsonl(path, ("_id", "text"))
+        return {
+            i: f"{r['title']} {r['text']}" if r.get("title") else r["text"]
+            for i, r in records.items()
+        }
+    texts = {}
+    for n, line in _lines(path):
+        cols = line.split("\t")
+        if len(cols) != 2 or not cols[0] or any(c.isspace() for c in cols[0]):
+            raise ValueError(f"{path}:{n}: expected 'id<TAB>text', got {line[:60]!r}")
+        if cols[0] in texts:
+            raise ValueError(f"{path}:{n}: duplicate id {cols[0]!r}")
+        texts[cols[0]] = cols[1]
+    return texts
+
+
+def run_dataset(run, queries, corpus, qrels=None):
+    """A Dataset of one split, "run": the candidates of a TREC run with the texts of its queries
+    and passages, judged by `qrels` when given (else every query has no judgments)."""
+    corpus, queries = read_texts(corpus), read_texts(queries)
+    scores = _read_run(Path(run), corpus, queries)
+    judged = _read_qrels(Path(qrels), queries) if qrels else {q: {} for q in scores}
+    return Dataset(
+        Path(run).name, Path(run).parent, corpus, queries, {"run": judged}, {"run": scores}, {}
+    )
+
+
+def _request_text(doc):
+    """A rank_llm candidate's text: a string, or a dict with contents, text or segment (and
+    an optional title, which goes first)."""
+    if isinstance(doc, str):
+        return doc
+    body = next(doc[k] for k in ("contents", "text", "segment") if isinstance(doc.get(k), str))
+    return f"{doc['title']} {body}" if isinstance(doc.get("title"), str) and doc["title"] else body
+
+
+def requests_dataset(path, qrels=None):
+    """(a Dataset of one split, "requests", the parsed records) from rank_llm's JSONL requests,
+    one query per line: {"query": {"text", "qid"}, "candidates": [{"docid", "score", "doc"}]}."""
+    path, records = Path(path), []
+    queries, corpus, scores = {}, {}, {}
+    for n, line in _lines(path):
+        try:
+            record = json.loads(line)
+            qid, text = str(record["query"]["qid"]), record["query"]["text"]
+            found = [
+                (str(c["docid"]), float(c["score"]), _request_text(c["doc"]))
+                for c in record["candidates"]
+            ]
+            if not isinstance(text, str):
+                raise TypeError("query text is not a string")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: bad JSON ({e.msg})") from None
+        except (KeyError, TypeError, ValueError, StopIteration) as e:
+            raise ValueError(
+                f"{path}:{n}: not a rank_llm request {{query: {{qid, text}}, "
+                f"candidates: [{{docid, score, doc}}]}} ({type(e).__name__}: {e})"
+            ) from None
+        if qid in queries:
+            raise ValueError(f"{path}:{n}: query {qid!r} is requested twice")
+        queries[qid], scores[qid] = text, {}
+        for docid, score, passage in found:
+            if not docid or any(c.isspace() for c in docid) or not math.isfinite(score):
+                raise ValueError(
+                    f"{path}:{n}: candidate {docid!r} has an empty or spaced id, or "
+                    f"a score that is not finite ({score})"
+                )
+            if corpus.setdefault(docid, passage) != passage:
+                raise ValueError(
+                    f"{path}:{n}: passage {docid!r} has another text than on an earlier line"
+                )
+            if docid in scores[qid]:
+                raise ValueError(f"{path}:{n}: passage {docid!r} listed twice for query {qid!r}")
+            scores[qid][docid] = score
+        records.append(record)
+    judged = _read_qrels(Path(qrels), queries) if qrels else {q: {} for q in scores}
+    dataset = Dataset(
+        path.name, path.parent, corpus, queries, {"requests": judged}, {"requests": scores}, {}
+    )
+    return dataset, records
+
+
+def write_requests(path, records, run):
+    """rank_llm's format again: each record's candidates reordered best first by `run`
+    {qid: {docid: score}}, with those scores (written whole: temp file, then rename)."""
+    lines = []
+    for record in records:
+        scores = run.get(str(record["query"]["qid"]), {})
+        candidates = sorted(
+            record["candidates"], key=lambda c: -scores.get(str(c["docid"]), -math.inf)
+        )
+        candidates = [{**c, "score": scores.get(str(c["docid"]), c["score"])} for c in candidates]
+        lines.append(json.dumps({**record, "candidates": candidates}, ensure_ascii=False))
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def merge_datasets(*datasets):
@@ -209,21 +359,32 @@ def merge_datasets(*datasets):
     merged = Dataset("+".join(d.name for d in datasets), datasets[0].path, {}, {}, {}, {}, {})
     for d in datasets:
         merged.official_negatives.update(d.official_negatives)
-        for mine, theirs, what in ((merged.corpus, d.corpus, "passage"), (merged.queries, d.queries, "query")):
-            if (clash := next((i for i, t in theirs.items() if mine.get(i, t) != t), None)) is not None:
-                raise ValueError(f"merge: {what} {clash!r} has another text in {d.name} than before")
+        for mine, theirs, what in (
+            (merged.corpus, d.corpus, "passage"),
+            (merged.queries, d.queries, "query"),
+        ):
+            if (
+                clash := next((i for i, t in theirs.items() if mine.get(i, t) != t), None)
+            ) is not None:
+                raise ValueError(
+                    f"merge: {what} {clash!r} has another text in {d.name} than before"
+                )
             mine.update(theirs)
         for mine, theirs in ((merged.qrels, d.qrels), (merged.runs, d.runs)):
             for split, per_query in theirs.items():
                 if clash := sorted(mine.setdefault(split, {}).keys() & per_query.keys()):
-                    raise ValueError(f"merge: query {clash[0]!r} of split {split!r} is in two datasets")
+                    raise ValueError(
+                        f"merge: query {clash[0]!r} of split {split!r} is in two datasets"
+                    )
                 mine[split].update(per_query)
     return merged
 
 
 # Lucene's default English stop words (the 33 of EnglishAnalyzer / StopAnalyzer).
-STOPWORDS = frozenset("a an and are as at be but by for if in into is it no not of on or such "
-                      "that the their then there these they this to was will with".split())
+STOPWORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such "
+    "that the their then there these they this to was will with".split()
+)
 
 
 def bm25_tokens(text):
@@ -234,7 +395,8 @@ def bm25_tokens(text):
 class BM25:
     """Okapi BM25 as in Lucene 8+/Anserini (k1 0.9, b 0.4): for each query term t, summed with
     the term's count in the query as weight,
-        idf(t) * tf / (tf + k1 * (1 - b + b * dl / avgdl)),  idf(t) = log(1 + (N - df + 0.5) / (df + 0.5))
+        idf(t) * tf / (tf + k1 * (1 - b + b * dl / avgdl)),
+        idf(t) = log(1 + (N - df + 0.5) / (df + 0.5))
     Lucene dropped the constant factor (k1 + 1); it also rounds dl to one byte, which we do not,
     so scores can differ from Anserini's in the third digit. The index is a CSR of postings:
     the passages containing term t are doc[start[t]:start[t+1]], with their precomputed weights."""
@@ -242,7 +404,9 @@ class BM25:
     def __init__(self, corpus, k1=0.9, b=0.4):
         self.docids = list(corpus)
         self.vocab, terms, docs, tfs, lengths = {}, [], [], [], []
-        for d, text in enumerate(tqdm(corpus.values(), desc="BM25 index", disable=len(corpus) < 50_000)):
+        for d, text in enumerate(
+            tqdm(corpus.values(), desc="BM25 index", disable=len(corpus) < 50_000)
+        ):
             tokens = bm25_tokens(text)
             lengths.append(len(tokens))
             for term, tf in Counter(tokens).items():
@@ -304,7 +468,7 @@ def hard_negative_pool(dataset, qid, judged, ranking):
     if judged_negatives := [d for d in ranking[:20] if d in judged and judged[d] < 1]:
         return "judged", judged_negatives
     first, last = HARD_NEGATIVE_BAND
-    if band := [d for d in ranking[first - 1:last] if judged.get(d, 0) < 1]:
+    if band := [d for d in ranking[first - 1 : last] if judged.get(d, 0) < 1]:
         return "band", band
     return "top-20", [d for d in ranking[:20] if judged.get(d, 0) < 1]  # short lists only
 
@@ -313,12 +477,15 @@ def training_examples(dataset, split="train", seed=0):
     """One (query, positive, hard negative) triple per query of `split` (method.md §5), the hard
     negative from hard_negative_pool; for several folders use merge_datasets. In-batch negatives
     are the trainer's job. Each query draws from its own Random(f"{seed}:{qid}"): its pair does
-    not depend on the other queries or folders present. Queries lacking either are skipped, counted."""
+    not depend on the other queries or folders present. Queries lacking either are skipped and
+    counted."""
     level = dataset.relevance_level(split)
     candidates = dataset.candidates(split, 1000)
     examples, no_positive, no_negative = [], 0, 0
     for qid, judged in dataset.qrels[split].items():
-        positives = sorted(d for d, grade in judged.items() if grade >= level and d in dataset.corpus)
+        positives = sorted(
+            d for d, grade in judged.items() if grade >= level and d in dataset.corpus
+        )
         source, negatives = hard_negative_pool(dataset, qid, judged, candidates.get(qid, []))
         no_positive += not positives
         no_negative += bool(positives) and not negatives
@@ -326,8 +493,10 @@ def training_examples(dataset, split="train", seed=0):
             rng = random.Random(f"{seed}:{qid}")
             examples.append(TrainExample(qid, rng.choice(positives), rng.choice(negatives), source))
     if no_positive or no_negative:
-        _warn(f"{dataset.name}/{split}: skipped {no_positive} queries without a positive that has "
-              f"text and {no_negative} without a hard negative")
+        _warn(
+            f"{dataset.name}/{split}: skipped {no_positive} queries without a positive that has "
+            f"text and {no_negative} without a hard negative"
+        )
     return examples
 
 
@@ -336,7 +505,7 @@ def train_batches(examples, queries_per_batch, seed=0, epoch=0):
     `queries_per_batch` queries; the last batch may be smaller."""
     order = list(examples)
     random.Random(f"{seed}:epoch{epoch}").shuffle(order)
-    return [order[i:i + queries_per_batch] for i in range(0, len(order), queries_per_batch)]
+    return [order[i : i + queries_per_batch] for i in range(0, len(order), queries_per_batch)]
 
 
 def tokenize_texts(tokenizer, texts, max_tokens=None):

@@ -17,6 +17,7 @@ Recipes (3rd ed., section 6.4), written out below so that no scipy is needed.
     python eval.py QRELS RUN [-m ndcg_cut.10 recip_rank ...] [-l 2] [-c] [-q] [-M 10]
     python eval.py QRELS RUN_A RUN_B [-m ...]        # means, delta and paired t-test p
 """
+
 import argparse
 import math
 import os
@@ -46,8 +47,10 @@ def read_qrels(path):
             if fields == ["query-id", "corpus-id", "score"]:
                 continue  # the BEIR header; any other first line must be a judgment
         if len(fields) != n_fields or n_fields not in (3, 4):
-            raise ValueError(f"{path}:{line_no}: expected 'qid 0 docid grade' (TREC) or "
-                             f"'query-id corpus-id score' (BEIR), got {len(fields)} fields")
+            raise ValueError(
+                f"{path}:{line_no}: expected 'qid 0 docid grade' (TREC) or "
+                f"'query-id corpus-id score' (BEIR), got {len(fields)} fields"
+            )
         qid, docid, grade = fields[0], fields[-2], fields[-1]
         if not re.fullmatch(r"-?\d+", grade):
             raise ValueError(f"{path}:{line_no}: grade '{grade}' is not an integer")
@@ -76,8 +79,10 @@ def read_run(path):
         if not fields:
             continue
         if len(fields) != 6:
-            raise ValueError(f"{path}:{line_no}: expected 6 fields 'qid Q0 docid rank score tag', "
-                             f"got {len(fields)}")
+            raise ValueError(
+                f"{path}:{line_no}: expected 6 fields 'qid Q0 docid rank score tag', "
+                f"got {len(fields)}"
+            )
         qid, _, docid, _, score, _ = fields
         try:
             score = float(score)
@@ -109,6 +114,7 @@ def write_run(path, run, tag):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
+
 # -----------------------------------------------------------------------------
 # ranking
 
@@ -126,15 +132,19 @@ def cut_run(run, depth):
     recip_rank on cut_run(run, 10), since trec_eval's recip_rank has no cutoff."""
     if depth < 1:
         raise ValueError(f"the cut depth must be >= 1, got {depth}")
-    return {qid: {docid: scores[docid] for docid in trec_ranking(scores)[:depth]}
-            for qid, scores in run.items()}
+    return {
+        qid: {docid: scores[docid] for docid in trec_ranking(scores)[:depth]}
+        for qid, scores in run.items()
+    }
+
 
 # -----------------------------------------------------------------------------
 # measures
 
 
 def parse_measure(name):
-    """'ndcg_cut.10' or 'ndcg_cut_10' -> ('ndcg_cut_10', 'ndcg_cut', 10); 'map' -> ('map', 'map', None)"""
+    """(name, base, k): 'ndcg_cut.10' or 'ndcg_cut_10' -> ('ndcg_cut_10', 'ndcg_cut', 10);
+    'map' -> ('map', 'map', None)."""
     if name in ("ndcg", "recip_rank", "map"):
         return name, name, None
     match = re.fullmatch(r"(ndcg_cut|P|recall|success)[._]([1-9][0-9]*)", name)
@@ -184,8 +194,10 @@ def evaluate(qrels, run, measures, relevance_level=1, complete=False):
     per_query = {}
     for qid in sorted(qids):
         ranking = trec_ranking(run.get(qid, {}))
-        per_query[qid] = {name: measure_query(base, k, ranking, qrels[qid], relevance_level)
-                          for name, base, k in parsed}
+        per_query[qid] = {
+            name: measure_query(base, k, ranking, qrels[qid], relevance_level)
+            for name, base, k in parsed
+        }
     return per_query
 
 
@@ -196,6 +208,7 @@ def summarize(per_query):
         return {}
     measures = next(iter(per_query.values()))
     return {m: statistics.fmean(values[m] for values in per_query.values()) for m in measures}
+
 
 # -----------------------------------------------------------------------------
 # paired t-test
@@ -210,8 +223,8 @@ def incomplete_beta(a, b, x):
         # The fraction converges quickly only below this point; use I_x(a,b) = 1 - I_1-x(b,a).
         return 1.0 - incomplete_beta(b, a, 1.0 - x)
     tiny = 1e-300  # keeps the Lentz denominators away from zero
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                     + a * math.log(x) + b * math.log1p(-x)) / a
+    log_inv_beta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)  # -log B(a, b)
+    front = math.exp(log_inv_beta + a * math.log(x) + b * math.log1p(-x)) / a
     c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
     d = 1.0 / (d if abs(d) > tiny else tiny)
     fraction = d
@@ -248,10 +261,14 @@ def paired_t_test(a, b):
     deltas = [b[qid] - a[qid] for qid in common]
     mean_delta, sd = statistics.fmean(deltas), statistics.stdev(deltas)
     if sd == 0.0:  # every query moved by the same amount: no noise, t is 0 or infinite
-        return mean_delta, (0.0 if mean_delta == 0 else math.copysign(math.inf, mean_delta)), \
-            (1.0 if mean_delta == 0 else 0.0)
+        return (
+            mean_delta,
+            (0.0 if mean_delta == 0 else math.copysign(math.inf, mean_delta)),
+            (1.0 if mean_delta == 0 else 0.0),
+        )
     t = mean_delta / (sd / math.sqrt(len(deltas)))
     return mean_delta, t, student_t_p_value(t, len(deltas) - 1)
+
 
 # -----------------------------------------------------------------------------
 # command line
@@ -261,24 +278,51 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         usage="%(prog)s QRELS RUN [RUN_B] [-m MEASURE ...] [-l LEVEL] [-c] [-q] [-M DEPTH]",
         description="Evaluate TREC runs with trec_eval's semantics; with two runs, compare them "
-                    "(means, B - A, two-sided paired t-test p over the queries both evaluate).")
-    parser.add_argument("qrels", metavar="QRELS", help="TREC 'qid 0 docid grade' or BEIR TSV with header")
+        "(means, B - A, two-sided paired t-test p over the queries both evaluate).",
+    )
+    parser.add_argument(
+        "qrels", metavar="QRELS", help="TREC 'qid 0 docid grade' or BEIR TSV with header"
+    )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="one run, or two to compare (A B)")
-    parser.add_argument("-m", dest="measures", nargs="+", action="extend", metavar="MEASURE",
-                        help=f"{MEASURES_HELP}; default: {' '.join(DEFAULT_MEASURES)}")
-    parser.add_argument("-l", dest="relevance_level", type=int, default=1, metavar="LEVEL",
-                        help="lowest grade that counts as relevant for binary measures "
-                             "(1 for MS MARCO, 2 for TREC DL; nDCG uses the grades)")
-    parser.add_argument("-c", dest="complete", action="store_true",
-                        help="average over all qrels queries, those missing from the run as 0")
-    parser.add_argument("-q", dest="per_query", action="store_true", help="also print per-query values")
-    parser.add_argument("-M", dest="depth", type=int, help="use each query's top DEPTH docs only "
-                        "(trec_eval order); MRR@10 = -M 10 -m recip_rank")
+    parser.add_argument(
+        "-m",
+        dest="measures",
+        nargs="+",
+        action="extend",
+        metavar="MEASURE",
+        help=f"{MEASURES_HELP}; default: {' '.join(DEFAULT_MEASURES)}",
+    )
+    parser.add_argument(
+        "-l",
+        dest="relevance_level",
+        type=int,
+        default=1,
+        metavar="LEVEL",
+        help="lowest grade that counts as relevant for binary measures "
+        "(1 for MS MARCO, 2 for TREC DL; nDCG uses the grades)",
+    )
+    parser.add_argument(
+        "-c",
+        dest="complete",
+        action="store_true",
+        help="average over all qrels queries, those missing from the run as 0",
+    )
+    parser.add_argument(
+        "-q", dest="per_query", action="store_true", help="also print per-query values"
+    )
+    parser.add_argument(
+        "-M",
+        dest="depth",
+        type=int,
+        help="use each query's top DEPTH docs only (trec_eval order); MRR@10 = -M 10 -m recip_rank",
+    )
     args = parser.parse_args(argv)
     try:  # bad input is one line on stderr naming the file, line or flag, and exit code 2
         if len(args.runs) > 2 or (args.per_query and len(args.runs) == 2):
             raise ValueError("give one RUN (also with -q), or two RUNs to compare")
-        measures = list(dict.fromkeys(parse_measure(m)[0] for m in args.measures or DEFAULT_MEASURES))
+        measures = list(
+            dict.fromkeys(parse_measure(m)[0] for m in args.measures or DEFAULT_MEASURES)
+        )
         qrels, results = read_qrels(args.qrels), []
         for path in args.runs:
             run = read_run(path) if args.depth is None else cut_run(read_run(path), args.depth)
@@ -287,8 +331,11 @@ def main(argv=None):
                 raise ValueError(f"{path}: no query in common with {args.qrels}")
         if len(results) == 1:
             per_query = results[0] if args.per_query else {}
-            lines = [f"{m}\t{qid}\t{values[m]:.4f}" for qid, values in per_query.items()
-                     for m in measures]
+            lines = [
+                f"{m}\t{qid}\t{values[m]:.4f}"
+                for qid, values in per_query.items()
+                for m in measures
+            ]
             lines += [f"{m}\tall\t{mean:.4f}" for m, mean in summarize(results[0]).items()]
         else:
             common = results[0].keys() & results[1].keys()

@@ -19,17 +19,18 @@ method that meets the passage;
 only H, "Question: \\n" and the query run per pair, and logits are computed only where the query
 is predicted.
 """
+
+import hashlib
 import json
 import os
 import statistics
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -43,24 +44,29 @@ METHODS = ("zeroshot", "prompt", "qpeft-r", "qpeft-a")
 @dataclass
 class QPEFTConfig:
     """What a trained module is; saved next to its weights."""
-    method: str = "qpeft-a"        # one of METHODS
-    instruction: str = "given the hints, please generate a question for the input passage"
-    top_k: int = 15                # qpeft-r: hint tokens taken from the passage (paper: 10-20)
-    heads: int = 2                 # qpeft-a: attention heads (paper: 2)
-    dropout: float = 0.1           # qpeft-a: attention dropout while training (paper: 0.1)
-    train_embeddings: bool = True  # E' is a trainable copy of E (paper); False: E' = frozen E, a light module
-    residual_mlp: bool = False     # hint = x + MLP(x), MLP ends at 0 (not in the paper; off = faithful)
-    max_passage_tokens: int = 160  # passages are cut to this many tokens, keeping the start
-    max_query_tokens: int = 64     # queries too (a query is also the hint block of qpeft-a)
 
+    method: str = "qpeft-a"  # one of METHODS
+    instruction: str = "given the hints, please generate a question for the input passage"
+    top_k: int = 15  # qpeft-r: hint tokens taken from the passage (paper: 10-20)
+    heads: int = 2  # qpeft-a: attention heads (paper: 2)
+    dropout: float = 0.1  # qpeft-a: attention dropout while training (paper: 0.1)
+    train_embeddings: bool = (
+        True  # E' is a trainable copy of E (paper); False: E' = frozen E, a light module
+    )
+    residual_mlp: bool = (
+        False  # hint = x + MLP(x), MLP ends at 0 (not in the paper; off = faithful)
+    )
+    max_passage_tokens: int = 160  # passages are cut to this many tokens, keeping the start
+    max_query_tokens: int = 64  # queries too (a query is also the hint block of qpeft-a)
 
 
 @dataclass
 class TokenIds:
     """Token ids of passages and queries, kept apart: MS MARCO numbers both with the same kind of
     id strings (passage 1072603 and query 1072603 both exist), so one shared table would mix them."""
+
     passages: dict  # docid -> ids of " {passage}", cut to max_passage_tokens
-    queries: dict   # qid -> ids of "{query}"
+    queries: dict  # qid -> ids of "{query}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,12 +93,16 @@ def setup_device(name):
             raise ValueError(f"--device {name}: no CUDA device is visible")
         if processes > 1:
             if name != "cuda":
-                raise ValueError(f"--device {name}: under torchrun each process takes "
-                                 f"cuda:LOCAL_RANK; pass --device cuda")
+                raise ValueError(
+                    f"--device {name}: under torchrun each process takes "
+                    f"cuda:LOCAL_RANK; pass --device cuda"
+                )
             if local >= torch.cuda.device_count():
-                raise ValueError(f"--device cuda: local rank {local} but only "
-                                 f"{torch.cuda.device_count()} GPUs on this node (use --nproc_per_node "
-                                 f"{torch.cuda.device_count()} or fewer)")
+                raise ValueError(
+                    f"--device cuda: local rank {local} but only "
+                    f"{torch.cuda.device_count()} GPUs on this node (use --nproc_per_node "
+                    f"{torch.cuda.device_count()} or fewer)"
+                )
             name = f"cuda:{local}"
         elif name == "cuda":
             name = f"cuda:{torch.cuda.current_device()}"
@@ -126,7 +136,7 @@ class Template:
 
     def __init__(self, tokenizer, instruction):
         self.tokenizer = tokenizer
-        self.bos = [tokenizer.bos_id] if tokenizer.add_bos else []   # never part of the soft prompt
+        self.bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # never part of the soft prompt
         self.prompt = tokenizer.encode(instruction)
         self.passage_open = tokenizer.encode("\nPassage:")
         self.passage_close = tokenizer.encode(" \n")
@@ -155,26 +165,25 @@ class Reranker(nn.Module):
     def __init__(self, cfg, llm, template):
         super().__init__()
         self.cfg = cfg
-        E = llm.tok_embeddings.weight.detach()                                    # (V, D) frozen
+        E = llm.tok_embeddings.weight.detach()  # (V, D) frozen
         D = E.shape[1]
         if cfg.method == "prompt":  # soft prompt initialised from the instruction's embeddings
-            self.soft_prompt = nn.Parameter(E[template.prompt].float().clone())   # (P, D)
+            self.soft_prompt = nn.Parameter(E[template.prompt].float().clone())  # (P, D)
         if cfg.method in ("qpeft-r", "qpeft-a"):
             # E': the official code trains a full copy of the embedding table (initialised = E).
-            self.hint_embeddings = nn.Embedding.from_pretrained(E.float().clone(), freeze=False) \
-                if cfg.train_embeddings else None
+            self.hint_embeddings = (
+                nn.Embedding.from_pretrained(E.float().clone(), freeze=False)
+                if cfg.train_embeddings
+                else None
+            )
             self.mlp = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
             if cfg.residual_mlp:  # start as the identity: the LLM first sees real token embeddings
                 nn.init.zeros_(self.mlp[2].weight), nn.init.zeros_(self.mlp[2].bias)
         if cfg.method == "qpeft-a":
-            self.attention = nn.MultiheadAttention(D, cfg.heads, dropout=cfg.dropout, batch_first=True)
+            self.attention = nn.MultiheadAttention(
+                D, cfg.heads, dropout=cfg.dropout, batch_first=True
+            )
         self.to(E.device)  # on the LLM's device, in fp32
-
-    def forward(self, llm, template, batch, tokens, margin):
-        """The training loss of this process's share of `batch` and its diagnostics (batch_loss).
-        Training calls the module (so DistributedDataParallel, under torchrun, can average the
-        gradients over processes); scoring calls hint_block directly."""
-        return batch_loss(llm, template, self, batch, tokens, margin, share=(rank(), world()))
 
     def trainable_parameters(self):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -189,27 +198,34 @@ class Reranker(nn.Module):
         """H for each pair: a list of (h_i, D) float32 tensors. queries/passages: lists of id lists."""
         dev = llm.tok_embeddings.weight.device
         if self.cfg.method == "qpeft-r":
-            ids, counts = select_top_k(self, llm, queries, passages, self.cfg.top_k)   # (N, k), (N,)
+            ids, counts = select_top_k(self, llm, queries, passages, self.cfg.top_k)  # (N, k), (N,)
             opening = torch.tensor(template.hints_open, device=dev).expand(len(ids), -1)
             closing = torch.tensor(template.hints_close, device=dev).expand(len(ids), -1)
-            rows = torch.cat([opening, ids, closing], dim=1)                        # (N, o + k + c)
+            rows = torch.cat([opening, ids, closing], dim=1)  # (N, o + k + c)
             real = torch.arange(rows.shape[1], device=dev) < opening.shape[1] + counts[:, None]
-            real[:, -closing.shape[1]:] = True                                      # (N, o + k + c)
+            real[:, -closing.shape[1] :] = True  # (N, o + k + c)
             # One E' lookup for all pairs: the backward of every lookup writes a dense (V, D) gradient.
-            x = self.embed_hint_ids(llm, rows[real])                                # (sum h_i, D)
+            x = self.embed_hint_ids(llm, rows[real])  # (sum h_i, D)
             lengths = real.sum(1).tolist()
         else:  # keys/values: the passage's tokens only (the official code used its whole template row)
-            q_ids, _ = pad_ids(queries, dev)                                        # (N, Lq)
-            p_ids, p_mask = pad_ids(passages, dev)                                  # (N, Ld)
-            keys = llm.tok_embeddings(p_ids).float()                                # (N, Ld, D) frozen E
-            attended, _ = self.attention(self.embed_hint_ids(llm, q_ids), keys, keys,   # (N, Lq, D)
-                                         key_padding_mask=~p_mask, need_weights=False)
+            q_ids, _ = pad_ids(queries, dev)  # (N, Lq)
+            p_ids, p_mask = pad_ids(passages, dev)  # (N, Ld)
+            keys = llm.tok_embeddings(p_ids).float()  # (N, Ld, D) frozen E
+            attended, _ = self.attention(
+                self.embed_hint_ids(llm, q_ids),
+                keys,
+                keys,  # (N, Lq, D)
+                key_padding_mask=~p_mask,
+                need_weights=False,
+            )
             opening = self.embed_hint_ids(llm, torch.tensor(template.hints_open, device=dev))
             closing = self.embed_hint_ids(llm, torch.tensor(template.hints_close, device=dev))
             # one vector per real query token, between E'("hints: ") and E'("\n")
-            blocks = [torch.cat([opening, attended[i, :len(q)], closing]) for i, q in enumerate(queries)]
+            blocks = [
+                torch.cat([opening, attended[i, : len(q)], closing]) for i, q in enumerate(queries)
+            ]
             lengths = [len(b) for b in blocks]
-            x = torch.cat(blocks)                                                   # (sum h_i, D)
+            x = torch.cat(blocks)  # (sum h_i, D)
         h = x + self.mlp(x) if self.cfg.residual_mlp else self.mlp(x)
         return list(h.split(lengths))
 
@@ -227,17 +243,23 @@ def select_top_k(reranker, llm, queries, passages, k):
     distinct tokens gives a shorter H (no random resampling as in the official code). Batched and
     on the device: no per-pair loop waits for the host."""
     dev = llm.tok_embeddings.weight.device
-    q_ids, q_mask = pad_ids(queries, dev)                                       # (N, Lq)
-    p_ids, p_mask = pad_ids(passages, dev)                                      # (N, Ld)
-    q = F.normalize(reranker.embed_hint_ids(llm, q_ids), dim=-1)                # (N, Lq, D)
-    p = F.normalize(llm.tok_embeddings(p_ids).float(), dim=-1)                  # (N, Ld, D)
+    q_ids, q_mask = pad_ids(queries, dev)  # (N, Lq)
+    p_ids, p_mask = pad_ids(passages, dev)  # (N, Ld)
+    q = F.normalize(reranker.embed_hint_ids(llm, q_ids), dim=-1)  # (N, Lq, D)
+    p = F.normalize(llm.tok_embeddings(p_ids).float(), dim=-1)  # (N, Ld, D)
     similarity = (q @ p.transpose(1, 2)).masked_fill(~q_mask[:, :, None], -torch.inf)  # (N, Lq, Ld)
-    best = similarity.max(dim=1).values if q_ids.shape[1] else torch.zeros_like(p_ids, dtype=q.dtype)
-    best = best.clamp(min=-1.0)                                                 # (N, Ld) an empty query: -1
-    repeated = (p_ids[:, :, None] == p_ids[:, None, :]).tril(-1).any(-1)        # (N, Ld): id seen earlier
-    candidate = p_mask & ~repeated                                              # (N, Ld): first occurrences
-    order = torch.sort(best.masked_fill(~candidate, -2.0), dim=1, descending=True,  # stable: earlier
-                       stable=True).indices[:, :k]                              # (N, k') position first
+    best = (
+        similarity.max(dim=1).values if q_ids.shape[1] else torch.zeros_like(p_ids, dtype=q.dtype)
+    )
+    best = best.clamp(min=-1.0)  # (N, Ld) an empty query: -1
+    repeated = (p_ids[:, :, None] == p_ids[:, None, :]).tril(-1).any(-1)  # (N, Ld): id seen earlier
+    candidate = p_mask & ~repeated  # (N, Ld): first occurrences
+    order = torch.sort(
+        best.masked_fill(~candidate, -2.0),
+        dim=1,
+        descending=True,  # stable: earlier
+        stable=True,
+    ).indices[:, :k]  # (N, k') position first
     return p_ids.gather(1, order), candidate.sum(1).clamp(max=k)
 
 
@@ -259,7 +281,7 @@ def embed_head(llm, template, reranker):
     if reranker is None or reranker.cfg.method != "prompt":
         return head
     b, P = len(template.bos), len(template.prompt)
-    return torch.cat([head[:b], reranker.soft_prompt.to(head.dtype), head[b + P:]])
+    return torch.cat([head[:b], reranker.soft_prompt.to(head.dtype), head[b + P :]])
 
 
 def encode_prefixes(llm, template, reranker, passages):
@@ -269,13 +291,19 @@ def encode_prefixes(llm, template, reranker, passages):
     keys/values are computed once and every passage attends to that one copy: 16 of a prefix's
     107 tokens on average on msmarco_small. Returns (past, past_mask (Np, S), lengths (Np,))."""
     dev = llm.tok_embeddings.weight.device
-    head = embed_head(llm, template, reranker)[None]                            # (1, S_head, D)
+    head = embed_head(llm, template, reranker)[None]  # (1, S_head, D)
     S_head = head.shape[1]
-    _, head_kv = llm.hidden(head, torch.arange(S_head, device=dev)[None])        # (1, Hkv, S_head, hd) per layer
-    ids, mask = pad_ids([p + template.passage_close for p in passages], dev)     # (Np, T)
+    _, head_kv = llm.hidden(
+        head, torch.arange(S_head, device=dev)[None]
+    )  # (1, Hkv, S_head, hd) per layer
+    ids, mask = pad_ids([p + template.passage_close for p in passages], dev)  # (Np, T)
     positions = S_head + torch.arange(ids.shape[1], device=dev).expand(len(passages), -1)
-    _, past = llm.hidden(llm.tok_embeddings(ids), positions, mask, head_kv)      # (Np, Hkv, S_head + T, hd) per layer
-    past_mask = torch.cat([torch.ones(len(passages), S_head, dtype=torch.bool, device=dev), mask], dim=1)
+    _, past = llm.hidden(
+        llm.tok_embeddings(ids), positions, mask, head_kv
+    )  # (Np, Hkv, S_head + T, hd) per layer
+    past_mask = torch.cat(
+        [torch.ones(len(passages), S_head, dtype=torch.bool, device=dev), mask], dim=1
+    )
     return past, past_mask, past_mask.sum(1)
 
 
@@ -285,27 +313,36 @@ def score_pairs(llm, template, reranker, prefix, rows, queries, passages):
     past, past_mask, past_len = prefix
     dev = llm.tok_embeddings.weight.device
     rows = torch.tensor(rows, device=dev)
-    hints = reranker.hint_block(llm, template, queries, passages) \
-        if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a") else [None] * len(queries)
+    hints = (
+        reranker.hint_block(llm, template, queries, passages)
+        if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a")
+        else [None] * len(queries)
+    )
     dtype = llm.tok_embeddings.weight.dtype
     suffixes, targets, first_target = [], [], []
     for hint, q in zip(hints, queries):
         text = llm.tok_embeddings(torch.tensor(template.question + q + [template.eos], device=dev))
         pieces = [text] if hint is None else [hint.to(dtype), text]
-        suffixes.append(torch.cat(pieces))                                      # (T_i, D)
-        first_target.append(sum(len(x) for x in pieces) - len(q) - 1)            # index of the first query token
+        suffixes.append(torch.cat(pieces))  # (T_i, D)
+        first_target.append(
+            sum(len(x) for x in pieces) - len(q) - 1
+        )  # index of the first query token
         targets.append(q + [template.eos])
-    x = nn.utils.rnn.pad_sequence(suffixes, batch_first=True)                   # (N, T, D)
+    x = nn.utils.rnn.pad_sequence(suffixes, batch_first=True)  # (N, T, D)
     lengths = torch.tensor([len(s) for s in suffixes], device=dev)
-    mask = torch.arange(x.shape[1], device=dev) < lengths[:, None]              # (N, T): real suffix tokens
-    positions = past_len[rows, None] + torch.arange(x.shape[1], device=dev)     # (N, T): continue after the prefix
+    mask = torch.arange(x.shape[1], device=dev) < lengths[:, None]  # (N, T): real suffix tokens
+    positions = past_len[rows, None] + torch.arange(
+        x.shape[1], device=dev
+    )  # (N, T): continue after the prefix
     past_rows = [(k[rows], v[rows]) for k, v in past]
-    h, _ = llm.hidden(x, positions, mask, past_rows, past_mask[rows])           # (N, T, D)
+    h, _ = llm.hidden(x, positions, mask, past_rows, past_mask[rows])  # (N, T, D)
     # Logits only where a target is predicted: position t predicts token t+1.
     pair = torch.cat([torch.full((len(t),), i, device=dev) for i, t in enumerate(targets)])
-    where = torch.cat([torch.arange(len(t), device=dev) + s - 1 for t, s in zip(targets, first_target)])
+    where = torch.cat(
+        [torch.arange(len(t), device=dev) + s - 1 for t, s in zip(targets, first_target)]
+    )
     target = torch.tensor([tok for t in targets for tok in t], device=dev)
-    logprob = target_logprobs(llm, h[pair, where], target)                      # (M,)
+    logprob = target_logprobs(llm, h[pair, where], target)  # (M,)
     sums = torch.zeros(len(targets), device=dev).index_add(0, pair, logprob)
     return sums / torch.tensor([len(t) for t in targets], device=dev)
 
@@ -316,33 +353,11 @@ def target_logprobs(llm, h, target, rows=128):
     and stays in cache; all M rows at once took 80 ms against 45 ms for M = 372 on the 2-core CPU."""
     out = []
     for start in range(0, len(h), rows):
-        logits = llm.logits(h[start:start + rows])                              # (rows, V) float32
-        out.append(logits.gather(1, target[start:start + rows, None])[:, 0] - logits.logsumexp(-1))
-    return torch.cat(out)                                                       # (M,)
-
-
-def score_pairs_uncached(llm, template, reranker, queries, passages):
-    """What score_pairs computes, the slow way: every pair's whole sequence in one causal pass
-    and logits at every position. The reference in the tests and the baseline in bench.py."""
-    dev = llm.tok_embeddings.weight.device
-    dtype = llm.tok_embeddings.weight.dtype
-    hints = reranker.hint_block(llm, template, queries, passages) \
-        if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a") else [None] * len(queries)
-    sequences, first_target = [], []
-    for hint, q, p in zip(hints, queries, passages):
-        prefix = torch.cat([embed_head(llm, template, reranker),                         # (S, D)
-                            llm.tok_embeddings(torch.tensor(p + template.passage_close, device=dev))])
-        text = llm.tok_embeddings(torch.tensor(template.question + q + [template.eos], device=dev))
-        sequences.append(torch.cat([prefix] + ([hint.to(dtype)] if hint is not None else []) + [text]))
-        first_target.append(len(sequences[-1]) - len(q) - 1)
-    x = nn.utils.rnn.pad_sequence(sequences, batch_first=True)                   # (N, T, D) right-padded
-    h, _ = llm.hidden(x, torch.arange(x.shape[1], device=dev).expand(len(sequences), -1))
-    logprobs = torch.log_softmax(llm.logits(h), dim=-1)                          # (N, T, V) float32
-    scores = []
-    for i, (q, start) in enumerate(zip(queries, first_target)):
-        target = torch.tensor(q + [template.eos], device=dev)
-        scores.append(logprobs[i, start - 1 + torch.arange(len(target), device=dev), target].mean())
-    return torch.stack(scores)
+        logits = llm.logits(h[start : start + rows])  # (rows, V) float32
+        out.append(
+            logits.gather(1, target[start : start + rows, None])[:, 0] - logits.logsumexp(-1)
+        )
+    return torch.cat(out)  # (M,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,100 +377,89 @@ def atomic_save(write, path):
         tmp.unlink(missing_ok=True)
 
 
-def save_module(reranker, path, extra):
-    """Only the trainable parameters (never the frozen LLM) + a JSON config beside them."""
-    atomic_save(lambda f: save_file({k: v.contiguous() for k, v in trainable_state(reranker).items()}, f), path)
-    config = {"qpeft": asdict(reranker.cfg), **extra}
-    atomic_save(lambda f: Path(f).write_text(json.dumps(config, indent=1)), path.with_suffix(".json"))
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
-def load_module(path, llm, template_for):
-    """A saved module: its config from the JSON beside `path`, weights checked by name and shape."""
-    path = Path(path)
-    config_file = path.with_suffix(".json")
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: the module's config is missing (expected beside {path.name})")
+def model_fingerprint(folder):
+    """sha256 of a model folder's config.json and safetensors headers (every tensor's name, shape,
+    dtype and offsets): another checkpoint changes it, and it reads kilobytes, not the weights."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = f.read(8)
+            digest.update(size + f.read(int.from_bytes(size, "little")))
+    return digest.hexdigest()
+
+
+def load_llm(model, dtype=None, device="cpu"):
+    """The frozen LLM (a name under $QPEFT_HOME/models or a folder) and its tokenizer; llm.name
+    and llm.sha256 say which model an adapter trained on it belongs to."""
+    folder = data.find_asset(model, "models")
+    device = torch.device(device)
+    llm, tokenizer = load(folder, dtype=dtype or default_dtype(device), device=device)
+    llm.name, llm.sha256 = folder.name, model_fingerprint(folder)
+    return llm, tokenizer
+
+
+def save_adapter(reranker, folder, llm, extra):
+    """A peft-style adapter folder: the trainable parameters only (never the frozen LLM) in
+    adapter_model.safetensors, and adapter_config.json with the method, every QPEFTConfig field,
+    the base model's name and fingerprint, and `extra` (training data, dev history, ...)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in trainable_state(reranker).items()}
+    atomic_save(lambda f: save_file(weights, f), folder / ADAPTER_WEIGHTS)
+    config = {
+        "qpeft_method": reranker.cfg.method,
+        "qpeft": asdict(reranker.cfg),
+        "base_model_name_or_path": llm.name,
+        "base_model_sha256": llm.sha256,
+        **extra,
+    }
+    atomic_save(lambda f: Path(f).write_text(json.dumps(config, indent=1)), folder / ADAPTER_CONFIG)
+
+
+def load_adapter(folder, llm, template_for, any_base_model=False):
+    """A trained module from its adapter folder, refused on another base model than it was trained
+    on (unless any_base_model); weights checked by name and shape."""
+    folder = Path(folder)
+    if folder.suffix == ".safetensors" and folder.with_suffix(".json").is_file():
+        raise ValueError(
+            f"{folder}: a single-file module of an older qpeft; adapters are folders "
+            f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}): retrain it to get one"
+        )
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{config_file}: missing (an adapter is a folder with {ADAPTER_CONFIG}"
+            f" and {ADAPTER_WEIGHTS})"
+        )
     try:
-        cfg = QPEFTConfig(**json.loads(config_file.read_text())["qpeft"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: an unknown or missing field
-        raise ValueError(f"{config_file}: not a module config ({type(e).__name__}: {e})") from None
+        config = json.loads(config_file.read_text())
+        cfg = QPEFTConfig(**config["qpeft"])
+        base, base_sha = config["base_model_name_or_path"], config["base_model_sha256"]
+    except (
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+    ) as e:  # TypeError: an unknown or missing field
+        raise ValueError(
+            f"{config_file}: not an adapter config ({type(e).__name__}: {e})"
+        ) from None
+    if base_sha != llm.sha256 and not any_base_model:
+        raise ValueError(
+            f"{folder}: trained on {base} (sha256 {base_sha[:12]}), not on {llm.name} "
+            f"(sha256 {llm.sha256[:12]}); --any-base-model loads it anyway"
+        )
     reranker = Reranker(cfg, llm, template_for(cfg))
-    saved, expected = load_file(path), trainable_state(reranker)
+    saved, expected = load_file(folder / ADAPTER_WEIGHTS), trainable_state(reranker)
     for name in expected.keys() | saved.keys():
         if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
-            raise ValueError(f"{path}: tensor '{name}' is missing, unexpected or mis-shaped for method {cfg.method}")
+            raise ValueError(
+                f"{folder / ADAPTER_WEIGHTS}: tensor '{name}' is missing, unexpected or "
+                f"mis-shaped for method {cfg.method} on {llm.name}"
+            )
     reranker.load_state_dict(saved)
     return reranker.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss (method.md §5): a pointwise query likelihood term and a hinge over pairs
-# ---------------------------------------------------------------------------------------------
-def batch_pairs(batch):
-    """(query index, docid, kind) for a batch of TrainExamples, kind "positive", "hard" (the query's
-    own hard negative) or "in-batch": each query meets its positive and, as negatives, the other
-    queries' positives and every query's hard negative (the official code's in-batch and hard
-    negatives: 7 per query at 4 queries, paper-digest §5.2)."""
-    pool = [e.positive_docid for e in batch] + [e.hard_negative_docid for e in batch]
-    pairs = []
-    for i, e in enumerate(batch):
-        # distinct negatives: a hard negative may be another query's positive, and must count once
-        negatives = dict.fromkeys(pool)
-        negatives.pop(e.positive_docid)
-        pairs.append((i, e.positive_docid, "positive"))
-        pairs += [(i, d, "hard" if d == e.hard_negative_docid else "in-batch") for d in negatives]
-    return pairs
-
-
-def ranking_loss(scores, pairs, margin, counts=None):
-    """L = mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin), NLL = -score (a mean
-    per token, so the margin is on a per-token scale, as in the official code). Returns L and its
-    diagnostics: the two terms, the share of active hinges, and the pairwise accuracy (positive
-    above the query's own hard negative). `counts` (queries, negatives, hard pairs of the whole
-    batch; default: these pairs') divide the sums, so that the values of the processes that
-    share a batch add up to the whole batch's."""
-    nll = -scores                                                               # (N,)
-    kind = [k for _, _, k in pairs]
-    counts = counts or batch_counts(pairs)
-    is_pos = torch.tensor([k == "positive" for k in kind], device=nll.device)
-    query = torch.tensor([i for i, _, _ in pairs], device=nll.device)
-    nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=nll.device)
-    nll_pos = nll_pos.index_copy(0, query[is_pos], nll[is_pos])                # (B,) 0 for others'
-    gap = nll_pos[query[~is_pos]] - nll[~is_pos]                                # (N - B,) > 0: wrong order
-    hinge = F.relu(gap + margin)
-    hard = torch.tensor([k == "hard" for k in kind], device=nll.device)[~is_pos]
-    queries, negatives, hard_pairs = counts
-    terms = {"pointwise": nll_pos.sum() / queries, "hinge": hinge.sum() / negatives,
-             "active": (hinge > 0).sum() / negatives, "accuracy": (gap[hard] < 0).sum() / max(hard_pairs, 1)}
-    return terms["pointwise"] + terms["hinge"], terms
-
-
-def batch_counts(pairs):
-    """(queries, negative pairs, hard-negative pairs) of a list of pairs."""
-    kinds = Counter(k for _, _, k in pairs)
-    return kinds["positive"], kinds["hard"] + kinds["in-batch"], kinds["hard"]
-
-
-def batch_loss(llm, template, reranker, batch, tokens, margin, share=(0, 1)):
-    """The loss of one batch (and its diagnostics) through the fast path: each passage's
-    keys/values computed once. With share (r, n), only the pairs of queries r, r + n, ... (process
-    r of n under torchrun), each with the whole batch's negatives, and the sums divided by the
-    whole batch's counts: the n shares add up to the whole batch's loss."""
-    pairs = batch_pairs(batch)
-    counts = batch_counts(pairs)
-    pairs = [p for p in pairs if p[0] % share[1] == share[0]]
-    if not pairs:  # more processes than queries: a zero loss that still reaches every parameter
-        device = llm.tok_embeddings.weight.device
-        zero = sum((p.sum() for p in reranker.parameters() if p.requires_grad), torch.zeros((), device=device)) * 0.0
-        return zero, {k: zero.detach() for k in ("pointwise", "hinge", "active", "accuracy")}
-    docids = sorted({d for _, d, _ in pairs})
-    row = {d: i for i, d in enumerate(docids)}
-    with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.cfg.method == "prompt"):
-        prefix = encode_prefixes(llm, template, reranker, [tokens.passages[d] for d in docids])
-    scores = score_pairs(llm, template, reranker, prefix, [row[d] for _, d, _ in pairs],
-                         [tokens.queries[batch[i].qid] for i, _, _ in pairs],
-                         [tokens.passages[d] for _, d, _ in pairs])
-    return ranking_loss(scores, pairs, margin, counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +482,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
     seconds = {m: 0.0 for m in rerankers}
     shared_seconds, keys = 0.0, []
     mine = range(rank(), len(batches), world())  # under torchrun: every world()-th passage batch
-    values = {m: [] for m in rerankers}           # score tensors, read back to the host once at the end
+    values = {m: [] for m in rerankers}  # score tensors, read back to the host once at the end
     for b in tqdm(mine, desc=desc, unit="batch", disable=desc is None or rank() > 0):
         batch = batches[b]
         passages = [tokens.passages[docids[i]] for i in batch]
@@ -491,16 +495,28 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
             prefixes[b] = shared
         shared_seconds += time.perf_counter() - start
         pairs = [(row, qid) for row, i in enumerate(batch) for qid in pairs_of[docids[i]]]
-        keys += [(qid, docids[batch[row]]) for row, qid in pairs]  # every method scores them in this order
+        keys += [
+            (qid, docids[batch[row]]) for row, qid in pairs
+        ]  # every method scores them in this order
         for method, reranker in rerankers.items():
             start = time.perf_counter()
             own_prompt = reranker.cfg.method == "prompt"
             prefix = encode_prefixes(llm, template, reranker, passages) if own_prompt else shared
-            for chunk in range(0, len(pairs), len(batch)):  # suffix batches no larger than the passage batch
-                part = pairs[chunk:chunk + len(batch)]
-                values[method].append(score_pairs(llm, template, reranker, prefix, [r for r, _ in part],
-                                                  [tokens.queries[q] for _, q in part],
-                                                  [passages[r] for r, _ in part]))
+            for chunk in range(
+                0, len(pairs), len(batch)
+            ):  # suffix batches no larger than the passage batch
+                part = pairs[chunk : chunk + len(batch)]
+                values[method].append(
+                    score_pairs(
+                        llm,
+                        template,
+                        reranker,
+                        prefix,
+                        [r for r, _ in part],
+                        [tokens.queries[q] for _, q in part],
+                        [passages[r] for r, _ in part],
+                    )
+                )
             seconds[method] += time.perf_counter() - start
     scores = {m: {} for m in rerankers}
     for method in rerankers:  # one host read per method; then every process gets every score
@@ -510,35 +526,49 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
                 scores[method].setdefault(qid, {})[docid] = value
     # Each method is charged the shared passage pass too, as if it had run alone; under torchrun
     # the slowest process's time.
-    timing = {m: max(gather(seconds[m] + (shared_seconds if r.cfg.method != "prompt" else 0.0)))
-              for m, r in rerankers.items()}
+    timing = {
+        m: max(gather(seconds[m] + (shared_seconds if r.cfg.method != "prompt" else 0.0)))
+        for m, r in rerankers.items()
+    }
     return scores, timing
 
 
 # ---------------------------------------------------------------------------------------------
-# Python API: the same scoring path as the command line (rerank, load_module)
+# Python API: the calls the command line makes too (rerank, load_adapter, train.fit)
 # ---------------------------------------------------------------------------------------------
 class Ranker:
-    """A frozen LLM with one reranker, zero-shot or a trained module, for your own code:
+    """A frozen LLM with one reranker, zero-shot or a trained adapter, for your own code:
 
-        ranker = qpeft.load_ranker()                      # or load_ranker(adapter="runs/qpeft/qpeft-a.safetensors")
-        ranker.rank("capital of france", ["Berlin is ...", "Paris is ..."], top_k=1)  # [(1, -2.3)]
+    ranker = qpeft.load_ranker()              # or load_ranker(adapter="runs/qpeft/qpeft-a")
+    ranker.rank("capital of france", ["Berlin is ...", "Paris is ..."], top_k=1)  # [(1, -2.3)]
     """
 
     def __init__(self, llm, tokenizer, reranker, token_budget=4096):
-        self.llm, self.tokenizer, self.reranker, self.token_budget = llm, tokenizer, reranker, token_budget
-        self.template = Template(tokenizer, reranker.cfg.instruction)
+        self.llm, self.tokenizer, self.reranker = llm, tokenizer, reranker
+        self.template, self.token_budget = (
+            Template(tokenizer, reranker.cfg.instruction),
+            token_budget,
+        )
 
     def rerank(self, queries, candidates, corpus):
         """{qid: {docid: score}} for queries {qid: text}, candidates {qid: [docid]} and corpus
         {docid: text}; each passage's keys/values are computed once for every query that meets it.
         Scores are mean log-probabilities of the query: higher is better."""
-        cfg = self.reranker.cfg
-        texts = {d: " " + corpus[d] for docs in candidates.values() for d in docs}
-        tokens = TokenIds(passages=cut_to(data.tokenize_texts(self.tokenizer, texts), cfg.max_passage_tokens),
-                          queries=cut_to(data.tokenize_texts(self.tokenizer, queries), cfg.max_query_tokens))
-        scores, _ = rerank(self.llm, self.template, {"ranker": self.reranker}, candidates, tokens,
-                           self.token_budget, None)
+        tokens = tokenize(
+            self.tokenizer,
+            self.reranker.cfg,
+            queries,
+            {d: corpus[d] for docs in candidates.values() for d in docs},
+        )
+        scores, _ = rerank(
+            self.llm,
+            self.template,
+            {"ranker": self.reranker},
+            candidates,
+            tokens,
+            self.token_budget,
+            None,
+        )
         return {q: scores["ranker"].get(q, {}) for q in candidates}
 
     def score(self, query, passages):
@@ -553,17 +583,58 @@ class Ranker:
         ranked = sorted(zip(ids, self.score(query, passages)), key=lambda pair: -pair[1])
         return ranked[:top_k] if top_k else ranked
 
+    def save(self, folder, **extra):
+        """Write the trained module as an adapter folder (load it with load_ranker(adapter=...))."""
+        save_adapter(self.reranker, Path(folder), self.llm, extra)
 
-def load_ranker(model="SmolLM2-135M-Instruct", adapter=None, device="auto", dtype=None):
+
+def load_ranker(
+    model="SmolLM2-135M-Instruct", adapter=None, device="auto", dtype=None, any_base_model=False
+):
     """A Ranker: the frozen `model` (a name under $QPEFT_HOME/models or a folder) on `device`,
-    zero-shot, or with the trained module `adapter` (a .safetensors written by qpeft.py)."""
-    device = setup_device(device)
-    llm, tokenizer = load(model, dtype=dtype or default_dtype(device), device=device)
+    zero-shot, or with `adapter`, a folder written by qpeft.py or train_adapter."""
+    llm, tokenizer = load_llm(model, dtype, setup_device(device))
     if adapter is None:
-        reranker = Reranker(QPEFTConfig(method="zeroshot"), llm, Template(tokenizer, QPEFTConfig().instruction))
+        cfg = QPEFTConfig(method="zeroshot")
+        reranker = Reranker(cfg, llm, Template(tokenizer, cfg.instruction))
     else:
-        reranker = load_module(adapter, llm, lambda cfg: Template(tokenizer, cfg.instruction))
+        reranker = load_adapter(
+            adapter, llm, lambda cfg: Template(tokenizer, cfg.instruction), any_base_model
+        )
     return Ranker(llm, tokenizer, reranker)
+
+
+def train_adapter(
+    method="qpeft-a",
+    data="msmarco_small",
+    out=None,
+    model="SmolLM2-135M-Instruct",
+    device="auto",
+    dtype=None,
+    log=print,
+    **settings,
+):
+    """A Ranker with a module trained on `data`'s train split and chosen on its dev split, saved
+    as an adapter folder in `out` when given. `settings`: any QPEFTConfig or train.TrainConfig
+    field (steps=50, lr=1e-3, top_k=10, ...); train_data=[names] adds train-only datasets."""
+    import train  # train.py imports this module
+
+    llm, tokenizer = load_llm(model, dtype, setup_device(device))
+    return train.train_adapter(llm, tokenizer, method, data, out, log, **settings)
+
+
+def tokenize(tokenizer, cfg, queries, passages, log=None):
+    """TokenIds of {qid: text} and {docid: text}, cut to the module's limits; a passage is
+    tokenised with its leading space (the template ends with "Passage:")."""
+    texts = {d: " " + text for d, text in passages.items()}
+    return TokenIds(
+        passages=cut_to(
+            data.tokenize_texts(tokenizer, texts), cfg.max_passage_tokens, "passages", log
+        ),
+        queries=cut_to(
+            data.tokenize_texts(tokenizer, queries), cfg.max_query_tokens, "queries", log
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,8 +644,10 @@ def cut_to(ids, limit, what="", log=None):
     """Token ids cut to `limit` (keeping the start), and a log line saying how many were cut."""
     cuts = [len(v) - limit for v in ids.values() if len(v) > limit]
     if cuts and log:
-        log(f"{what}: {len(cuts)} of {len(ids)} cut to {limit} tokens, by {statistics.fmean(cuts):.1f} "
-            f"tokens on average")
+        log(
+            f"{what}: {len(cuts)} of {len(ids)} cut to {limit} tokens, by {statistics.fmean(cuts):.1f} "
+            f"tokens on average"
+        )
     return {k: v[:limit] for k, v in ids.items()}
 
 
@@ -584,12 +657,18 @@ def check_positions(llm, template, tokens, cfg):
         return
     qid, query = max(tokens.queries.items(), key=lambda item: len(item[1]))
     hints = len(template.hints_open) + len(template.hints_close) + max(len(query), cfg.top_k)
-    longest = len(template.prefix(max(tokens.passages.values(), key=len, default=[]))) + hints \
-        + len(template.question) + len(query) + 1
+    longest = (
+        len(template.prefix(max(tokens.passages.values(), key=len, default=[])))
+        + hints
+        + len(template.question)
+        + len(query)
+        + 1
+    )
     if longest > llm.cfg.max_positions:
-        raise ValueError(f"query {qid!r}: its longest sequence has {longest} tokens, more than the model's "
-                         f"{llm.cfg.max_positions} positions (lower --max-query-tokens or --max-passage-tokens)")
-
+        raise ValueError(
+            f"query {qid!r}: its longest sequence has {longest} tokens, more than the model's "
+            f"{llm.cfg.max_positions} positions (lower --max-query-tokens or --max-passage-tokens)"
+        )
 
 
 if __name__ == "__main__":

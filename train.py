@@ -1,31 +1,155 @@
-"""Training a Q-PEFT module: AdamW steps on the loss of qpeft.batch_loss, dev checks on a
+"""Training a Q-PEFT module: the loss (method.md §5), AdamW steps, dev checks on a
 ranking metric, early stopping, the best module kept, and resuming an interrupted run."""
 
 import json
-from dataclasses import asdict, dataclass, field
+import subprocess
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
 import eval as ir
-from qpeft import atomic_save, batch_loss, gather, rank, rerank, trainable_state, world
+from qpeft import (
+    ADAPTER_CONFIG,
+    QPEFTConfig,
+    Ranker,
+    Reranker,
+    Template,
+    atomic_save,
+    check_positions,
+    encode_prefixes,
+    gather,
+    load_adapter,
+    rank,
+    rerank,
+    save_adapter,
+    score_pairs,
+    tokenize,
+    trainable_state,
+    world,
+)
+
 
 @dataclass
 class TrainConfig:
-    steps: int = 100               # optimizer steps, one per batch (the official code stepped per 2 pairs)
-    queries_per_batch: int = 4     # paper: 4; negatives: the batch's other positives and all its hard negatives
-    lr: float = 1e-2               # paper: 3e-2 (AdamW)
-    weight_decay: float = 0.01     # paper: 0.01; never on E' (see train)
-    margin: float = 0.0            # hinge margin on mean NLL (paper: 0.0-1.1)
-    eval_every: int = 25           # steps between dev checks (the paper stopped on the dev loss)
-    patience: int = 3              # stop after this many dev checks without a better dev SELECT_ON
-    dev_queries: int = 40          # dev queries checked (the first usable ones: all 40 of dev.graded)
-    dev_depth: int = 20            # first-stage candidates reranked per dev query at each check
+    steps: int = 100  # optimizer steps, one per batch (the official code stepped per 2 pairs)
+    queries_per_batch: int = (
+        4  # paper: 4; negatives: the batch's other positives and all its hard negatives
+    )
+    lr: float = 1e-2  # paper: 3e-2 (AdamW)
+    weight_decay: float = 0.01  # paper: 0.01; never on E' (see train)
+    margin: float = 0.0  # hinge margin on mean NLL (paper: 0.0-1.1)
+    eval_every: int = 25  # steps between dev checks (the paper stopped on the dev loss)
+    patience: int = 3  # stop after this many dev checks without a better dev SELECT_ON
+    dev_queries: int = 40  # dev queries checked (the first usable ones: all 40 of dev.graded)
+    dev_depth: int = 20  # first-stage candidates reranked per dev query at each check
     seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss (method.md §5): a pointwise query likelihood term and a hinge over pairs
+# ---------------------------------------------------------------------------------------------
+def batch_pairs(batch):
+    """(query index, docid, kind) for a batch of TrainExamples, kind "positive", "hard" (the query's
+    own hard negative) or "in-batch": each query meets its positive and, as negatives, the other
+    queries' positives and every query's hard negative (the official code's in-batch and hard
+    negatives: 7 per query at 4 queries, paper-digest §5.2)."""
+    pool = [e.positive_docid for e in batch] + [e.hard_negative_docid for e in batch]
+    pairs = []
+    for i, e in enumerate(batch):
+        # distinct negatives: a hard negative may be another query's positive, and must count once
+        negatives = dict.fromkeys(pool)
+        negatives.pop(e.positive_docid)
+        pairs.append((i, e.positive_docid, "positive"))
+        pairs += [(i, d, "hard" if d == e.hard_negative_docid else "in-batch") for d in negatives]
+    return pairs
+
+
+def ranking_loss(scores, pairs, margin, counts=None):
+    """L = mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin), NLL = -score (a mean
+    per token, so the margin is on a per-token scale, as in the official code). Returns L and its
+    diagnostics: the two terms, the share of active hinges, and the pairwise accuracy (positive
+    above the query's own hard negative). `counts` (queries, negatives, hard pairs of the whole
+    batch; default: these pairs') divide the sums, so that the values of the processes that
+    share a batch add up to the whole batch's."""
+    nll = -scores  # (N,)
+    kind = [k for _, _, k in pairs]
+    counts = counts or batch_counts(pairs)
+    is_pos = torch.tensor([k == "positive" for k in kind], device=nll.device)
+    query = torch.tensor([i for i, _, _ in pairs], device=nll.device)
+    nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=nll.device)
+    nll_pos = nll_pos.index_copy(0, query[is_pos], nll[is_pos])  # (B,) 0 for others'
+    gap = nll_pos[query[~is_pos]] - nll[~is_pos]  # (N - B,) > 0: wrong order
+    hinge = F.relu(gap + margin)
+    hard = torch.tensor([k == "hard" for k in kind], device=nll.device)[~is_pos]
+    queries, negatives, hard_pairs = counts
+    terms = {
+        "pointwise": nll_pos.sum() / queries,
+        "hinge": hinge.sum() / negatives,
+        "active": (hinge > 0).sum() / negatives,
+        "accuracy": (gap[hard] < 0).sum() / max(hard_pairs, 1),
+    }
+    return terms["pointwise"] + terms["hinge"], terms
+
+
+def batch_counts(pairs):
+    """(queries, negative pairs, hard-negative pairs) of a list of pairs."""
+    kinds = Counter(k for _, _, k in pairs)
+    return kinds["positive"], kinds["hard"] + kinds["in-batch"], kinds["hard"]
+
+
+def batch_loss(llm, template, reranker, batch, tokens, margin, share=(0, 1)):
+    """The loss of one batch (and its diagnostics) through the fast path: each passage's
+    keys/values computed once. With share (r, n), only the pairs of queries r, r + n, ... (process
+    r of n under torchrun), each with the whole batch's negatives, and the sums divided by the
+    whole batch's counts: the n shares add up to the whole batch's loss."""
+    pairs = batch_pairs(batch)
+    counts = batch_counts(pairs)
+    pairs = [p for p in pairs if p[0] % share[1] == share[0]]
+    if not pairs:  # more processes than queries: a zero loss that still reaches every parameter
+        device = llm.tok_embeddings.weight.device
+        zero = (
+            sum(
+                (p.sum() for p in reranker.parameters() if p.requires_grad),
+                torch.zeros((), device=device),
+            )
+            * 0.0
+        )
+        return zero, {k: zero.detach() for k in ("pointwise", "hinge", "active", "accuracy")}
+    docids = sorted({d for _, d, _ in pairs})
+    row = {d: i for i, d in enumerate(docids)}
+    with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.cfg.method == "prompt"):
+        prefix = encode_prefixes(llm, template, reranker, [tokens.passages[d] for d in docids])
+    scores = score_pairs(
+        llm,
+        template,
+        reranker,
+        prefix,
+        [row[d] for _, d, _ in pairs],
+        [tokens.queries[batch[i].qid] for i, _, _ in pairs],
+        [tokens.passages[d] for _, d, _ in pairs],
+    )
+    return ranking_loss(scores, pairs, margin, counts)
+
+
+class TrainingLoss(nn.Module):
+    """The reranker being trained, called for its loss: DistributedDataParallel (under torchrun)
+    wraps a module and averages the gradients of what its forward computed."""
+
+    def __init__(self, reranker):
+        super().__init__()
+        self.reranker = reranker
+
+    def forward(self, llm, template, batch, tokens, margin):
+        """The loss of this process's share of `batch` and its diagnostics (batch_loss)."""
+        return batch_loss(llm, template, self.reranker, batch, tokens, margin, (rank(), world()))
 
 
 @dataclass
@@ -33,12 +157,13 @@ class DevSet:
     """What a dev check looks at: loss terms on (query, positive, hard negative) batches, and a
     ranking metric on the first-stage candidates of the same queries (complete labels where the
     dataset has them: msmarco_small's dev.graded)."""
+
     split: str
-    batches: list        # lists of TrainExamples
-    candidates: dict     # qid -> [docid], the reranked top-N
-    first_stage: dict    # qid -> {docid: score}, the whole list (the tail keeps its order)
+    batches: list  # lists of TrainExamples
+    candidates: dict  # qid -> [docid], the reranked top-N
+    first_stage: dict  # qid -> {docid: score}, the whole list (the tail keeps its order)
     qrels: dict
-    level: int           # relevance level of the binary measures
+    level: int  # relevance level of the binary measures
     prefixes: dict = field(default_factory=dict)  # passage keys/values: first check, reused after
 
 
@@ -52,69 +177,117 @@ def dev_check(llm, template, reranker, dev, margin, tokens, token_budget=4096):
     reranker.eval()
     record = {}
     for batch in dev.batches:  # each process its share of every batch; the shares add up
-        loss, terms = batch_loss(llm, template, reranker, batch, tokens, margin, share=(rank(), world()))
+        loss, terms = batch_loss(
+            llm, template, reranker, batch, tokens, margin, share=(rank(), world())
+        )
         for name, value in {"dev_loss": loss, **terms}.items():
             record[name] = record.get(name, 0.0) + value.item() / len(dev.batches)
     shares = gather(record)
     record = {name: sum(share[name] for share in shares) for name in record}
     # the frozen prefix's keys/values do not change with training; the soft prompt's do
-    scores, _ = rerank(llm, template, {"m": reranker}, dev.candidates, tokens, token_budget, None,
-                       dev.prefixes if reranker.cfg.method != "prompt" else None)
+    scores, _ = rerank(
+        llm,
+        template,
+        {"m": reranker},
+        dev.candidates,
+        tokens,
+        token_budget,
+        None,
+        dev.prefixes if reranker.cfg.method != "prompt" else None,
+    )
     per_query = evaluate_run(with_tail(scores["m"], dev.first_stage), dev.qrels, dev.level)
     record.update(ir.summarize(per_query))
     return {k: round(v, 6) for k, v in record.items()}
 
 
 def dev_line(record):
-    return (f"dev loss {record['dev_loss']:.4f} (pointwise {record['pointwise']:.4f}, hinge "
-            f"{record['hinge']:.4f}, active hinges {record['active']:.2f}), pairwise accuracy "
-            f"{record['accuracy']:.3f}, nDCG@10 {record['ndcg_cut_10']:.4f}, HR@5 {record['success_5']:.4f}")
+    return (
+        f"dev loss {record['dev_loss']:.4f} (pointwise {record['pointwise']:.4f}, hinge "
+        f"{record['hinge']:.4f}, active hinges {record['active']:.2f}), pairwise accuracy "
+        f"{record['accuracy']:.3f}, nDCG@10 {record['ndcg_cut_10']:.4f}, HR@5 {record['success_5']:.4f}"
+    )
 
 
-def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, resume=False, name=None):
+def train(
+    llm, template, reranker, train_examples, dev, tokens, tc, out, log, resume=False, name=None
+):
     """AdamW on the trainable parameters (fp32, like their optimizer state), early stopping on the
     dev ranking measure SELECT_ON; the module of the best dev check is kept, the untrained one
     (step 0) included. With `resume`, continues from out/{name}.resume.json + .safetensors
-    (written at every dev check). `name` (default: the method) names the files and log lines of this run."""
+    (written at every dev check; out None: no files). `name` (default: the method) names the files
+    and log lines of this run."""
     method = reranker.cfg.method
     name = name or method
     # No weight decay on E': AdamW's decay would shrink all of its ~49k rows at every step, while a
     # batch's gradient reaches only the few dozen rows of its hint and query tokens.
-    decayed = [p for n, p in reranker.named_parameters() if p.requires_grad and n != "hint_embeddings.weight"]
-    groups = [{"params": decayed}, {"params": [p for n, p in reranker.named_parameters()
-                                               if p.requires_grad and n == "hint_embeddings.weight"],
-                                    "weight_decay": 0.0}]
+    decayed = [
+        p
+        for n, p in reranker.named_parameters()
+        if p.requires_grad and n != "hint_embeddings.weight"
+    ]
+    groups = [
+        {"params": decayed},
+        {
+            "params": [
+                p
+                for n, p in reranker.named_parameters()
+                if p.requires_grad and n == "hint_embeddings.weight"
+            ],
+            "weight_decay": 0.0,
+        },
+    ]
     # fused: one kernel over all parameters. E' alone is 28M fp32 values updated every step (its
     # gradient is dense); the default per-tensor loop took 123 ms a step on 2 cores, fused 15 ms.
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, weight_decay=tc.weight_decay,
-                                  fused=True)
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=tc.lr, weight_decay=tc.weight_decay, fused=True
+    )
     # Under torchrun each process computes its share of every batch's queries (batch_loss); DDP
     # averages the gradients, so each share's loss is scaled by the number of processes to make
     # the update the single-process one. It also broadcasts rank 0's initial weights.
-    model = nn.parallel.DistributedDataParallel(reranker) if world() > 1 else reranker
+    model = TrainingLoss(reranker)
+    model = nn.parallel.DistributedDataParallel(model) if world() > 1 else model
 
     def snapshot():
         return {k: v.detach().clone() for k, v in trainable_state(reranker).items()}
 
-    resume_files = out / f"{name}.resume.json", out / f"{name}.resume.safetensors"
-    if resume and resume_files[0].exists():
+    resume_files = (
+        (out / f"{name}.resume.json", out / f"{name}.resume.safetensors") if out else None
+    )
+    if resume and resume_files and resume_files[0].exists():
         state = load_resume(resume_files, reranker, optimizer, [asdict(reranker.cfg), asdict(tc)])
         log(f"{name}: resumed at step {state['step']} from {resume_files[0]}")
     else:  # the untrained module is the first candidate: training must beat it on dev
         record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
-        state = {"step": 0, "best": snapshot(), "best_step": 0, "best_dev": record, "bad_checks": 0,
-                 "history": [{"step": 0, **record}]}
+        state = {
+            "step": 0,
+            "best": snapshot(),
+            "best_step": 0,
+            "best_dev": record,
+            "bad_checks": 0,
+            "history": [{"step": 0, **record}],
+        }
         log(f"{name}: step 0 (untrained) {dev_line(record)}")
     per_epoch = max(1, len(train_examples) // tc.queries_per_batch)
-    bar = tqdm(range(state["step"], tc.steps), desc=f"train {name}", initial=state["step"], total=tc.steps,
-               disable=rank() > 0)
+    bar = tqdm(
+        range(state["step"], tc.steps),
+        desc=f"train {name}",
+        initial=state["step"],
+        total=tc.steps,
+        disable=rank() > 0,
+    )
     for step in bar:
         if state["bad_checks"] >= tc.patience:
-            log(f"{name}: early stop at step {step} (no dev {SELECT_ON} gain in {tc.patience} checks)")
+            log(
+                f"{name}: early stop at step {step} (no dev {SELECT_ON} gain in {tc.patience} checks)"
+            )
             break
         epoch, index = divmod(step, per_epoch)
-        if index == 0 or step == state["step"]:  # a new shuffle each epoch, the same for the same seed
-            epoch_batches = data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch)
+        if (
+            index == 0 or step == state["step"]
+        ):  # a new shuffle each epoch, the same for the same seed
+            epoch_batches = data.train_batches(
+                train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch
+            )
         reranker.train()
         loss, terms = model(llm, template, epoch_batches[index], tokens, tc.margin)
         (loss * world()).backward()
@@ -127,23 +300,35 @@ def train(llm, template, reranker, train_examples, dev, tokens, tc, out, log, re
         bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
             record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
-            state["history"].append({"step": step + 1, "train_loss": round(loss, 6),
-                                     "train_active": round(active, 4), **record})
+            state["history"].append(
+                {
+                    "step": step + 1,
+                    "train_loss": round(loss, 6),
+                    "train_active": round(active, 4),
+                    **record,
+                }
+            )
             improved = record[SELECT_ON] > state["best_dev"][SELECT_ON]
-            log(f"{name}: step {step + 1} train loss {loss:.4f}, {dev_line(record)}"
-                + (" (best)" if improved else ""))
+            log(
+                f"{name}: step {step + 1} train loss {loss:.4f}, {dev_line(record)}"
+                + (" (best)" if improved else "")
+            )
             if improved:
                 state.update(best_dev=record, best_step=step + 1, bad_checks=0, best=snapshot())
             else:
                 state["bad_checks"] += 1
             state["step"] = step + 1
-            if rank() == 0:
-                save_resume(resume_files, reranker, optimizer, state, [asdict(reranker.cfg), asdict(tc)])
+            if rank() == 0 and resume_files:
+                save_resume(
+                    resume_files, reranker, optimizer, state, [asdict(reranker.cfg), asdict(tc)]
+                )
     bar.close()
     reranker.load_state_dict(state["best"])
     best = state["best_dev"][SELECT_ON]
-    log(f"{name}: keeping the module of step {state['best_step']} (dev {SELECT_ON} {best:.4f})"
-        + (": no training step beat the untrained module on dev" if state["best_step"] == 0 else ""))
+    log(
+        f"{name}: keeping the module of step {state['best_step']} (dev {SELECT_ON} {best:.4f})"
+        + (": no training step beat the untrained module on dev" if state["best_step"] == 0 else "")
+    )
     return reranker.eval(), state
 
 
@@ -153,15 +338,27 @@ def save_resume(files, reranker, optimizer, state, config):
     written last, so the JSON's presence means the pair is complete."""
     json_file, tensor_file = files
     optim = optimizer.state_dict()
-    tensors = {**{f"module.{k}": v for k, v in reranker.state_dict().items()},
-               **{f"best.{k}": v for k, v in state["best"].items()},
-               **{f"optimizer.{i}.{k}": v for i, moments in optim["state"].items() for k, v in moments.items()},
-               "rng.cpu": torch.get_rng_state()}
+    tensors = {
+        **{f"module.{k}": v for k, v in reranker.state_dict().items()},
+        **{f"best.{k}": v for k, v in state["best"].items()},
+        **{
+            f"optimizer.{i}.{k}": v
+            for i, moments in optim["state"].items()
+            for k, v in moments.items()
+        },
+        "rng.cpu": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    atomic_save(lambda f: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, f), tensor_file)
-    meta = {"config": config, "param_groups": optim["param_groups"],
-            "state": {k: v for k, v in state.items() if k != "best"}}
+    atomic_save(
+        lambda f: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, f),
+        tensor_file,
+    )
+    meta = {
+        "config": config,
+        "param_groups": optim["param_groups"],
+        "state": {k: v for k, v in state.items() if k != "best"},
+    }
     atomic_save(lambda f: Path(f).write_text(json.dumps(meta)), json_file)
 
 
@@ -171,11 +368,15 @@ def load_resume(files, reranker, optimizer, config):
     json_file, tensor_file = files
     meta = json.loads(json_file.read_text())
     if meta["config"] != config:
-        raise ValueError(f"{json_file} was written with other settings; "
-                         f"rerun with the same flags or without --resume")
+        raise ValueError(
+            f"{json_file} was written with other settings; "
+            f"rerun with the same flags or without --resume"
+        )
     tensors, device = load_file(tensor_file), next(reranker.parameters()).device
-    part = {kind: {k[len(kind) + 1:]: v for k, v in tensors.items() if k.startswith(kind + ".")}
-            for kind in ("module", "best", "optimizer")}
+    part = {
+        kind: {k[len(kind) + 1 :]: v for k, v in tensors.items() if k.startswith(kind + ".")}
+        for kind in ("module", "best", "optimizer")
+    }
     reranker.load_state_dict(part["module"])
     moments = {}
     for key, value in part["optimizer"].items():
@@ -193,15 +394,175 @@ def make_dev_set(dataset, tc):
     judged split where there is one (dev.graded), else of dev; the loss terms use those of them
     that have a positive and a hard negative."""
     if "dev" not in dataset.splits:
-        raise ValueError(f"{dataset.path} has no dev split (qrels/dev.tsv), needed to choose the module; "
-                         f"use --eval-only --checkpoint FILE to rerank with a trained module")
+        raise ValueError(
+            f"{dataset.path} has no dev split (qrels/dev.tsv), needed to choose the "
+            f"module; use --eval-only --adapter DIR to rerank with a trained one"
+        )
     split = "dev.graded" if "dev.graded" in dataset.splits else "dev"
     first_stage = dataset.first_stage(split, 1000)
-    qids = [q for q in dataset.qrels[split] if first_stage[q]][:tc.dev_queries]
+    qids = [q for q in dataset.qrels[split] if first_stage[q]][: tc.dev_queries]
     examples = [e for e in data.training_examples(dataset, split, seed=0) if e.qid in qids]
-    return DevSet(split, data.train_batches(examples, tc.queries_per_batch, seed=0),
-                  {q: list(first_stage[q])[:tc.dev_depth] for q in qids}, {q: first_stage[q] for q in qids},
-                  {q: dataset.qrels[split][q] for q in qids}, dataset.relevance_level(split))
+    dev = DevSet(
+        split,
+        data.train_batches(examples, tc.queries_per_batch, seed=0),
+        {q: list(first_stage[q])[: tc.dev_depth] for q in qids},
+        {q: first_stage[q] for q in qids},
+        {q: dataset.qrels[split][q] for q in qids},
+        dataset.relevance_level(split),
+    )
+    if not dev.batches:
+        raise ValueError(
+            f"{dataset.name}: the {split} split has no query with a positive and a hard negative"
+        )
+    return dev
+
+
+def training_inputs(dataset, extra_train, tc, seeds, train_queries=0):
+    """({seed: train examples}, dev set, {docid: text}, {qid: text}): each seed draws its own
+    positives and hard negatives from the train splits of `dataset` and `extra_train`; the texts
+    are every passage and query training and dev checks will score."""
+    train_set = data.merge_datasets(dataset, *extra_train)
+    if "train" not in train_set.splits:
+        raise ValueError(
+            f"{dataset.path} has no train split (qrels/train.tsv) to train on; use "
+            f"--eval-only --adapter DIR to rerank with a trained module"
+        )
+    examples = {}
+    for seed in seeds:
+        examples[seed] = data.training_examples(train_set, "train", seed=seed)[
+            : train_queries or None
+        ]
+        if not examples[seed]:
+            raise ValueError(
+                f"{train_set.name}: the train split has no query with a positive and "
+                f"a hard negative"
+            )
+    dev = make_dev_set(dataset, tc)
+    passages, queries = {}, {}
+    for e in [e for ex in examples.values() for e in ex] + [e for b in dev.batches for e in b]:
+        for docid in (e.positive_docid, e.hard_negative_docid):
+            passages[docid] = train_set.corpus[docid]
+        queries[e.qid] = train_set.queries[e.qid]
+    passages.update({d: dataset.corpus[d] for docs in dev.candidates.values() for d in docs})
+    queries.update({q: dataset.queries[q] for q in dev.candidates})
+    return examples, dev, passages, queries
+
+
+def fit(
+    llm, template_for, cfg, tc, examples, dev, tokens, out, log, name, resume=False, extra=None
+):
+    """One trained module and its training record: trained (or, with `resume` and a finished
+    adapter in out/name, reloaded) and saved as the adapter folder out/name (out None: not saved)."""
+    folder = out / name if out else None
+    if resume and folder and (folder / ADAPTER_CONFIG).exists():
+        reranker = load_adapter(folder, llm, template_for)
+        if reranker.cfg != cfg:  # its prompt, cut or shape would not match this run's
+            raise ValueError(
+                f"{folder} was trained with other settings ({asdict(reranker.cfg)}); "
+                f"rerun with the same flags or without --resume"
+            )
+        log(
+            f"{name}: reusing trained adapter {folder} (training flags such as --steps are ignored)"
+        )
+        return reranker, None
+    torch.manual_seed(tc.seed)  # a method's initial weights do not depend on which ran before
+    reranker = Reranker(cfg, llm, template_for(cfg))
+    log(f"{name}: {reranker.trainable_parameters():,} trainable parameters (fp32), seed {tc.seed}")
+    start = time.perf_counter()
+    reranker, state = train(
+        llm,
+        template_for(cfg),
+        reranker,
+        examples,
+        dev,
+        tokens,
+        tc,
+        out,
+        log,
+        resume=resume,
+        name=name,
+    )
+    record = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "seed": tc.seed,
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "best_dev": state["best_dev"],
+        "dev_split": dev.split,
+        "train_queries": len(examples),
+        "history": state["history"],
+    }
+    if folder and rank() == 0:
+        save_adapter(
+            reranker,
+            folder,
+            llm,
+            {
+                "train": asdict(tc),
+                "training": record,
+                "qpeft_commit": qpeft_commit(),
+                **(extra or {}),
+            },
+        )
+        for suffix in ("json", "safetensors"):
+            (out / f"{name}.resume.{suffix}").unlink(missing_ok=True)
+    return reranker, record
+
+
+def train_adapter(llm, tokenizer, method, data_name, out, log, **settings):
+    """qpeft.train_adapter after the model is loaded: one module of `method` trained on the
+    dataset `data_name`, chosen on its dev split, saved in out/method when out is given."""
+    own = {f.name for f in fields(QPEFTConfig)} - {"method"}
+    if unknown := settings.keys() - own - {f.name for f in fields(TrainConfig)} - {"train_data"}:
+        raise TypeError(f"train_adapter: unknown setting {sorted(unknown)[0]!r}")
+    cfg = QPEFTConfig(method=method, **{k: v for k, v in settings.items() if k in own})
+    tc = TrainConfig(**{k: v for k, v in settings.items() if k in asdict(TrainConfig())})
+    dataset = data.load_dataset(data_name)
+    extra = [data.load_dataset(n) for n in settings.get("train_data", [])]
+    examples, dev, passages, queries = training_inputs(dataset, extra, tc, [tc.seed])
+    tokens = tokenize(tokenizer, cfg, queries, passages, log)
+
+    def template_for(c):
+        return Template(tokenizer, c.instruction)
+
+    check_positions(llm, template_for(cfg), tokens, cfg)
+    out = Path(out) if out is not None else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    reranker, _ = fit(
+        llm,
+        template_for,
+        cfg,
+        tc,
+        examples[tc.seed],
+        dev,
+        tokens,
+        out,
+        log,
+        method,
+        extra={"data": dataset.name, "train_data": [d.name for d in extra]},
+    )
+    return Ranker(llm, tokenizer, reranker)
+
+
+def qpeft_commit():
+    """The git commit of this code ("+uncommitted changes" when the tree differs), or "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+uncommitted changes" if dirty.strip() else "")
 
 
 def with_tail(scores, first_stage):
@@ -227,4 +588,3 @@ def evaluate_run(run, qrels, level):
     for qid in per_query:
         per_query[qid]["mrr_10"] = mrr[qid]["recip_rank"]
     return per_query
-

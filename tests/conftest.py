@@ -1,4 +1,5 @@
 """Shared paths for the tests: the checkout and ../shared sit side by side (here and in CI)."""
+
 import os
 import sys
 from pathlib import Path

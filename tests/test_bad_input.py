@@ -2,6 +2,7 @@
 the command line, and expects exit code 2 with one line naming the file:line, flag, key or query at
 fault (no traceback). The last cases are odd but valid input: counted warnings, and "n/a" for a
 paired test on one query. About 10 s on 2 CPU cores."""
+
 import json
 import shutil
 
@@ -31,51 +32,125 @@ def model_copy(tiny_dir, tmp_path, change_config):
 
 # (name, prepare(data_dir, model_dir, tmp_path) -> extra flags, expected message fragment)
 CASES = [
-    ("bad JSON in the corpus",
-     lambda d, m, t: edit(d / "corpus.jsonl", lambda s: s.replace('"p3"', '"p3', 1)) or [],
-     "corpus.jsonl:3: bad JSON"),
-    ("queries that are not UTF-8",
-     lambda d, m, t: [(d / "queries.jsonl").write_bytes(
-         (d / "queries.jsonl").read_bytes().replace(b"france", b"fr\xe9nce", 1))][:0],
-     "queries.jsonl:1: not valid UTF-8"),
-    ("an id with a space",
-     lambda d, m, t: edit(d / "corpus.jsonl", lambda s: s.replace('"p3"', '"p 3"', 1)) or [],
-     "corpus.jsonl:3: _id 'p 3' is empty or holds whitespace"),
-    ("a qrels grade that is not an integer",
-     lambda d, m, t: edit(d / "qrels" / "test.tsv", lambda s: s.replace("\t2\n", "\ttwo\n")) or [],
-     "test.tsv:2: expected 'query-id<TAB>corpus-id<TAB>integer score'"),
-    ("training on a dataset without a train split",
-     lambda d, m, t: (d / "qrels" / "train.tsv").unlink() or ["--methods", "qpeft-a"],
-     "has no train split"),
-    ("training on a dataset without a dev split",
-     lambda d, m, t: (d / "qrels" / "dev.tsv").unlink() or ["--methods", "qpeft-a"],
-     "has no dev split"),
-    ("a NaN in the first-stage run",
-     lambda d, m, t: edit(d / "runs" / "dev.bm25.trec", lambda s: s.replace(" 9.0 bm25", " nan bm25", 1)) or [],
-     "dev.bm25.trec:1: score nan is not finite"),
-    ("a tokenizer.json that is not JSON",
-     lambda d, m, t: ["--model", str(broken_tokenizer(m, t))], "tokenizer.json: not valid JSON"),
-    ("an unknown split",
-     lambda d, m, t: ["--split", "tset"], "has no split 'tset'"),
-    ("a model config without hidden_size",
-     lambda d, m, t: ["--model", str(model_copy(m, t, lambda c: c.pop("hidden_size")))],
-     "config.json: required key 'hidden_size' is missing"),
-    ("an eos id outside the vocabulary",
-     lambda d, m, t: ["--model", str(model_copy(m, t, lambda c: c.update(eos_token_id=10 ** 6)))],
-     "the eos token id 1000000 is missing or outside"),
-    ("a query too long for the model's positions",
-     lambda d, m, t: ["--model", str(model_copy(m, t, lambda c: c.update(max_position_embeddings=40)))],
-     "positions (lower --max-query-tokens or --max-passage-tokens)"),
-    ("a module config with an unknown field",
-     lambda d, m, t: module_with(t, m, d, lambda c: c["qpeft"].update(colour="red")),
-     "qpeft-a.json: not a module config (TypeError"),
-    ("a module named like a baseline",
-     lambda d, m, t: module_with(t, m, d, None, name="zeroshot"),
-     "two rows would be called 'zeroshot'"),
-    ("--checkpoint without --eval-only",
-     lambda d, m, t: ["--checkpoint", "x.safetensors"], "--checkpoint needs --eval-only"),
-    ("--heads that do not divide the width",
-     lambda d, m, t: ["--heads", "5", "--methods", "qpeft-a"], "--heads 5 does not divide the width"),
+    (
+        "bad JSON in the corpus",
+        lambda d, m, t: edit(d / "corpus.jsonl", lambda s: s.replace('"p3"', '"p3', 1)) or [],
+        "corpus.jsonl:3: bad JSON",
+    ),
+    (
+        "queries that are not UTF-8",
+        lambda d, m, t: [
+            (d / "queries.jsonl").write_bytes(
+                (d / "queries.jsonl").read_bytes().replace(b"france", b"fr\xe9nce", 1)
+            )
+        ][:0],
+        "queries.jsonl:1: not valid UTF-8",
+    ),
+    (
+        "an id with a space",
+        lambda d, m, t: edit(d / "corpus.jsonl", lambda s: s.replace('"p3"', '"p 3"', 1)) or [],
+        "corpus.jsonl:3: _id 'p 3' is empty or holds whitespace",
+    ),
+    (
+        "a qrels grade that is not an integer",
+        lambda d, m, t: (
+            edit(d / "qrels" / "test.tsv", lambda s: s.replace("\t2\n", "\ttwo\n")) or []
+        ),
+        "test.tsv:2: expected 'query-id<TAB>corpus-id<TAB>integer score'",
+    ),
+    (
+        "training on a dataset without a train split",
+        lambda d, m, t: (d / "qrels" / "train.tsv").unlink() or ["--methods", "qpeft-a"],
+        "has no train split",
+    ),
+    (
+        "training on a dataset without a dev split",
+        lambda d, m, t: (d / "qrels" / "dev.tsv").unlink() or ["--methods", "qpeft-a"],
+        "has no dev split",
+    ),
+    (
+        "a NaN in the first-stage run",
+        lambda d, m, t: (
+            edit(d / "runs" / "dev.bm25.trec", lambda s: s.replace(" 9.0 bm25", " nan bm25", 1))
+            or []
+        ),
+        "dev.bm25.trec:1: score nan is not finite",
+    ),
+    (
+        "a tokenizer.json that is not JSON",
+        lambda d, m, t: ["--model", str(broken_tokenizer(m, t))],
+        "tokenizer.json: not valid JSON",
+    ),
+    ("an unknown split", lambda d, m, t: ["--split", "tset"], "has no split 'tset'"),
+    (
+        "a model config without hidden_size",
+        lambda d, m, t: ["--model", str(model_copy(m, t, lambda c: c.pop("hidden_size")))],
+        "config.json: required key 'hidden_size' is missing",
+    ),
+    (
+        "an eos id outside the vocabulary",
+        lambda d, m, t: ["--model", str(model_copy(m, t, lambda c: c.update(eos_token_id=10**6)))],
+        "the eos token id 1000000 is missing or outside",
+    ),
+    (
+        "a query too long for the model's positions",
+        lambda d, m, t: [
+            "--model",
+            str(model_copy(m, t, lambda c: c.update(max_position_embeddings=40))),
+        ],
+        "positions (lower --max-query-tokens or --max-passage-tokens)",
+    ),
+    (
+        "an adapter config with an unknown field",
+        lambda d, m, t: adapter_with(t, m, d, lambda c: c["qpeft"].update(colour="red")),
+        "adapter_config.json: not an adapter config (TypeError",
+    ),
+    (
+        "an adapter trained on another model",
+        lambda d, m, t: adapter_with(
+            t,
+            m,
+            d,
+            lambda c: c.update(base_model_name_or_path="big-llama", base_model_sha256="0" * 64),
+        ),
+        "trained on big-llama (sha256 000000000000), not on tiny-llama",
+    ),
+    (
+        "an adapter named like a baseline",
+        lambda d, m, t: adapter_with(t, m, d, None, name="zeroshot"),
+        "two rows would be called 'zeroshot'",
+    ),
+    (
+        "--adapter without --eval-only",
+        lambda d, m, t: ["--adapter", "x"],
+        "--adapter needs --eval-only",
+    ),
+    (
+        "a TREC run line with five columns",
+        lambda d, m, t: run_flags(d, t, "s1 Q0 p1 1 9.5 bm25\ns1 Q0 p3 2 9.0\n"),
+        "run.trec:2: expected 'qid Q0 docid rank score tag'",
+    ),
+    (
+        "a TREC run with a passage missing from the corpus",
+        lambda d, m, t: run_flags(d, t, "s1 Q0 p1 1 9.5 bm25\ns1 Q0 p99 2 9.0 bm25\n"),
+        "run.trec:2: passage 'p99' is not in the corpus",
+    ),
+    (
+        "a requests line without candidates",
+        lambda d, m, t: requests_flags(
+            t,
+            [
+                '{"query": {"qid": "q1", "text": "a"}, "candidates": []}',
+                '{"query": {"qid": "q2", "text": "b"}}',
+            ],
+        ),
+        "requests.jsonl:2: not a rank_llm request",
+    ),
+    (
+        "--heads that do not divide the width",
+        lambda d, m, t: ["--heads", "5", "--methods", "qpeft-a"],
+        "--heads 5 does not divide the width",
+    ),
 ]
 
 
@@ -85,18 +160,57 @@ def broken_tokenizer(tiny_dir, tmp_path):
     return folder
 
 
-def module_with(tmp_path, model_dir, data_dir, change, name="qpeft-a"):
-    """Flags that rerank with a freshly trained (1 step) module, its config changed by `change`."""
+def adapter_with(tmp_path, model_dir, data_dir, change, name="qpeft-a"):
+    """Flags that rerank with a freshly trained (1 step) adapter, its config changed by `change`."""
     out = tmp_path / "trained"
-    cli.main(["--model", str(model_dir), "--data", str(data_dir), "--dtype", "float32", "--methods", "qpeft-a",
-                "--steps", "1", "--queries-per-batch", "2", "--dev-queries", "2", "--depth", "2", "--out", str(out)])
+    cli.main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_dir),
+            "--dtype",
+            "float32",
+            "--methods",
+            "qpeft-a",
+            "--steps",
+            "1",
+            "--queries-per-batch",
+            "2",
+            "--dev-queries",
+            "2",
+            "--depth",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     if change:
-        config = json.loads((out / "qpeft-a.json").read_text())
+        config = json.loads((out / "qpeft-a" / "adapter_config.json").read_text())
         change(config)
-        (out / "qpeft-a.json").write_text(json.dumps(config))
-    for suffix in ("safetensors", "json"):
-        (out / f"qpeft-a.{suffix}").rename(out / f"{name}.{suffix}")
-    return ["--eval-only", "--checkpoint", str(out / f"{name}.safetensors")]
+        (out / "qpeft-a" / "adapter_config.json").write_text(json.dumps(config))
+    (out / "qpeft-a").rename(out / name)
+    return ["--eval-only", "--adapter", str(out / name)]
+
+
+def run_flags(data_dir, tmp_path, lines):
+    """Flags that rerank the TREC run `lines` over the tiny dataset's queries and corpus."""
+    (tmp_path / "run.trec").write_text(lines)
+    return [
+        "--run",
+        str(tmp_path / "run.trec"),
+        "--queries",
+        str(data_dir / "queries.jsonl"),
+        "--corpus",
+        str(data_dir / "corpus.jsonl"),
+        "--methods",
+        "zeroshot",
+    ]
+
+
+def requests_flags(tmp_path, lines):
+    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    return ["--requests", str(tmp_path / "requests.jsonl"), "--methods", "zeroshot"]
 
 
 @pytest.mark.parametrize("case, prepare, message", CASES, ids=[c[0] for c in CASES])
@@ -106,8 +220,27 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, capsys, case, prep
     capsys.readouterr()
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
-                    "--steps", "1", "--queries-per-batch", "2", "--dev-queries", "2", "--out", str(out), *flags])
+        cli.main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data_dir),
+                "--dtype",
+                "float32",
+                "--depth",
+                "2",
+                "--steps",
+                "1",
+                "--queries-per-batch",
+                "2",
+                "--dev-queries",
+                "2",
+                "--out",
+                str(out),
+                *flags,
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2, err
     assert message in err and "Traceback" not in err, err
@@ -119,10 +252,27 @@ def test_odd_but_valid_input_gives_counted_warnings_and_n_a(tiny_dir, tmp_path):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
     edit(data_dir / "queries.jsonl", lambda s: s.replace('"do plants need water"', '" "'))
     out = tmp_path / "out"
-    cli.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
-                "--methods", "zeroshot", "--out", str(out)])
+    cli.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(data_dir),
+            "--dtype",
+            "float32",
+            "--depth",
+            "2",
+            "--methods",
+            "zeroshot",
+            "--out",
+            str(out),
+        ]
+    )
     log = (out / "log.txt").read_text()
     assert "warning: 1 test queries have no text and are skipped (s2)" in log
     assert "p: n/a, a paired test needs at least 2 queries" in log
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["zeroshot"]["test"]["queries"] == 1 and metrics["zeroshot"]["test"]["ndcg_cut_10_p_bm25"] is None
+    assert (
+        metrics["zeroshot"]["test"]["queries"] == 1
+        and metrics["zeroshot"]["test"]["ndcg_cut_10_p_bm25"] is None
+    )

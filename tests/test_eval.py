@@ -1,4 +1,5 @@
 """eval.py against trec_eval: the shared fixture cases, plus textbook cases to check by hand."""
+
 import json
 import math
 import subprocess
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import eval as E  # the module eval.py, not the builtin eval()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # the checkout and `shared` sit side by side
-sys.path.insert(0, str(REPO))
-import eval as E  # noqa: E402  (the module eval.py, not the builtin eval())
 
 CASES_PATH = SHARED / "fixtures" / "eval" / "cases.json"
 CASES = json.loads(CASES_PATH.read_text())["cases"] if CASES_PATH.exists() else []
@@ -25,7 +26,8 @@ def write(path, text):
 def load_case(case, tmp_path):
     """The case's qrels and run, read through read_qrels / read_run (inline ones via a file)."""
     if "qrels_file" in case:
-        qrels, run = E.read_qrels(SHARED / case["qrels_file"]), E.read_run(SHARED / case["run_file"])
+        qrels = E.read_qrels(SHARED / case["qrels_file"])
+        run = E.read_run(SHARED / case["run_file"])
     else:
         qrels = E.read_qrels(write(tmp_path / "qrels.txt", case["qrels_trec"]))
         run = E.read_run(write(tmp_path / "run.trec", case["run_trec"]))
@@ -87,7 +89,8 @@ def test_ndcg_three_documents_by_hand():
 
 
 def test_ties_broken_by_docid_descending():
-    # Equal scores: trec_eval orders by strcmp on the docids, largest first, so '7' > '30' > '100' > '10'.
+    # Equal scores: trec_eval orders by strcmp on the docids, largest first:
+    # '7' > '30' > '100' > '10'.
     assert E.trec_ranking({"10": 5.0, "7": 5.0, "100": 5.0, "30": 5.0}) == ["7", "30", "100", "10"]
     assert E.trec_ranking({"a": 2.0, "b": 1.0, "c": 1.0}) == ["a", "c", "b"]
 
@@ -104,7 +107,9 @@ def test_precision_recall_success_map_by_hand():
     # Ranking a, b, c, d; relevant (grade >= 1): b and d, plus e that was not retrieved.
     qrels = {"q": {"a": 0, "b": 1, "d": 2, "e": 1}}
     run = {"q": {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}}
-    v = E.evaluate(qrels, run, ["P.2", "P.10", "recall.2", "success.1", "success.2", "recip_rank", "map"])["q"]
+    v = E.evaluate(
+        qrels, run, ["P.2", "P.10", "recall.2", "success.1", "success.2", "recip_rank", "map"]
+    )["q"]
     assert v["P_2"] == 1 / 2
     assert v["P_10"] == 2 / 10  # divides by 10 although only 4 were retrieved
     assert v["recall_2"] == 1 / 3  # 1 of the 3 relevant in the qrels
@@ -147,7 +152,9 @@ def test_measure_names():
 
 def test_qrels_trec_and_beir_formats_agree(tmp_path):
     trec = write(tmp_path / "q.trec", "q1 0 d1 1\nq1 0 d2 0\nq2 0 d1 -1\n")
-    beir = write(tmp_path / "q.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t0\nq2\td1\t-1\n")
+    beir = write(
+        tmp_path / "q.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t0\nq2\td1\t-1\n"
+    )
     assert E.read_qrels(trec) == E.read_qrels(beir) == {"q1": {"d1": 1, "d2": 0}, "q2": {"d1": -1}}
 
 
@@ -167,7 +174,7 @@ def test_malformed_lines_name_file_and_line(tmp_path):
     qrels = write(tmp_path / "qrels.txt", "q1 0 d1 1\nq1 0 d2 relevant\n")
     with pytest.raises(ValueError, match=r"qrels\.txt:2: grade 'relevant' is not an integer"):
         E.read_qrels(qrels)
-    qrels = write(tmp_path / "qrels.txt", "q1 0 d1 1\nq1 d2 1\n")  # TREC format, then a 3-field line
+    qrels = write(tmp_path / "qrels.txt", "q1 0 d1 1\nq1 d2 1\n")  # TREC, then a 3-field line
     with pytest.raises(ValueError, match=r"qrels\.txt:2: expected"):
         E.read_qrels(qrels)
     # a headerless BEIR file whose first grade is not an integer: an error, not a "header" to skip
@@ -185,15 +192,23 @@ def test_malformed_lines_name_file_and_line(tmp_path):
 def test_write_run_round_trip_keeps_order_and_invents_no_ties(tmp_path):
     # '%.6f' would print e and f both as 1.000000, a tie that trec_eval would break as f, e.
     # 0.1 + 0.2 and 0.3 differ in float64 (kept exactly) but not in float32 (a trec_eval tie).
-    run = {"q2": {"a": 0.3, "b": 0.1 + 0.2, "c": -7.25, "e": 1.0000002, "f": 1.0000001},
-           "q1": {"x": 1e-12, "y": 12345.678901234567}}
+    run = {
+        "q2": {"a": 0.3, "b": 0.1 + 0.2, "c": -7.25, "e": 1.0000002, "f": 1.0000001},
+        "q1": {"x": 1e-12, "y": 12345.678901234567},
+    }
     path = tmp_path / "out.trec"
     E.write_run(path, run, "qpeft")
     assert E.read_run(path) == run  # the exact same floats
     lines = [line.split() for line in path.read_text().splitlines()]
-    assert [(f[0], f[2], f[3]) for f in lines] == [
-        ("q2", "e", "1"), ("q2", "f", "2"), ("q2", "b", "3"), ("q2", "a", "4"), ("q2", "c", "5"),
-        ("q1", "y", "1"), ("q1", "x", "2")]
+    ranks = [
+        ("q2", "e", "1"),
+        ("q2", "f", "2"),
+        ("q2", "b", "3"),
+        ("q2", "a", "4"),
+        ("q2", "c", "5"),
+    ]
+    ranks += [("q1", "y", "1"), ("q1", "x", "2")]
+    assert [(f[0], f[2], f[3]) for f in lines] == ranks
     assert all(f[1] == "Q0" and f[5] == "qpeft" for f in lines)
     assert [p.name for p in tmp_path.iterdir()] == ["out.trec"]  # no temporary file left
 
@@ -230,8 +245,13 @@ def test_paired_t_test_by_hand():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "eval.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} not found")
@@ -242,28 +262,41 @@ def test_cli_dl19_ndcg_cut_10():
 
 def test_cli_per_query_and_comparison(tmp_path):
     qrels = write(tmp_path / "qrels.txt", "q1 0 a 1\nq2 0 b 1\nq3 0 a 1\n")
-    run_a = write(tmp_path / "a.trec", "q1 Q0 a 1 2 t\nq1 Q0 b 2 1 t\nq2 Q0 a 1 2 t\nq2 Q0 b 2 1 t\n")
+    run_a = write(
+        tmp_path / "a.trec", "q1 Q0 a 1 2 t\nq1 Q0 b 2 1 t\nq2 Q0 a 1 2 t\nq2 Q0 b 2 1 t\n"
+    )
     run_b = write(tmp_path / "b.trec", "q1 Q0 a 1 2 t\nq2 Q0 b 1 2 t\n")
     out = run_cli(qrels, run_a, "-q", "-m", "recip_rank", "-c")
-    assert out.stdout == "recip_rank\tq1\t1.0000\nrecip_rank\tq2\t0.5000\nrecip_rank\tq3\t0.0000\n" \
-                         "recip_rank\tall\t0.5000\n"
+    assert (
+        out.stdout == "recip_rank\tq1\t1.0000\nrecip_rank\tq2\t0.5000\nrecip_rank\tq3\t0.0000\n"
+        "recip_rank\tall\t0.5000\n"
+    )
     out = run_cli(qrels, run_a, run_b, "-m", "recip_rank", "P.1")
     lines = out.stdout.splitlines()
     assert lines[0].startswith("measure\tA\tB\tB-A\tp")
-    assert lines[1:] == ["recip_rank\t0.7500\t1.0000\t+0.2500\t0.5000",  # deltas 0, 0.5: t = 1, df = 1
-                         "P_1\t0.5000\t1.0000\t+0.5000\t0.5000"]
+    assert lines[1:] == [
+        "recip_rank\t0.7500\t1.0000\t+0.2500\t0.5000",  # deltas 0, 0.5: t = 1, df = 1
+        "P_1\t0.5000\t1.0000\t+0.5000\t0.5000",
+    ]
 
 
-@pytest.mark.parametrize("case", ["missing file", "malformed line", "unknown measure", "duplicate docid"])
+@pytest.mark.parametrize(
+    "case", ["missing file", "malformed line", "unknown measure", "duplicate docid"]
+)
 def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path):
     qrels = write(tmp_path / "qrels.txt", "q1 0 a 1\n")
     run = write(tmp_path / "run.trec", "q1 Q0 a 1 2 t\n")
     args, expected = {
         "missing file": ([qrels, tmp_path / "nope.trec"], "nope.trec: No such file"),
-        "malformed line": ([qrels, write(tmp_path / "bad.trec", "q1 Q0 a 1 2 t\nq1 a 2\n")], "bad.trec:2:"),
+        "malformed line": (
+            [qrels, write(tmp_path / "bad.trec", "q1 Q0 a 1 2 t\nq1 a 2\n")],
+            "bad.trec:2:",
+        ),
         "unknown measure": ([qrels, run, "-m", "ndcg@10"], "unknown measure 'ndcg@10'"),
-        "duplicate docid": ([qrels, write(tmp_path / "dup.trec", "q1 Q0 a 1 2 t\nq1 Q0 a 2 1 t\n")],
-                            "dup.trec:2: duplicate docid a for query q1"),
+        "duplicate docid": (
+            [qrels, write(tmp_path / "dup.trec", "q1 Q0 a 1 2 t\nq1 Q0 a 2 1 t\n")],
+            "dup.trec:2: duplicate docid a for query q1",
+        ),
     }[case]
     out = run_cli(*args)
     assert out.returncode == 2 and out.stdout == ""

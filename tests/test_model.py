@@ -1,4 +1,5 @@
-"""model.py against transformers' outputs stored in ../shared/fixtures (see its README for tolerances)."""
+"""model.py against transformers' outputs stored in ../shared/fixtures (tolerances: its README)."""
+
 import json
 import shutil
 
@@ -6,20 +7,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES, smollm2_dir
 import model as model_module
+from conftest import FIXTURES, smollm2_dir
 from model import LlamaConfig, Transformer, load, rope_frequencies
 
 TINY = FIXTURES / "llama" / "tiny_random"
 TINY_LLAMA3 = FIXTURES / "llama" / "tiny_random_llama3"
 
 
-@pytest.mark.parametrize("folder", [TINY, TINY_LLAMA3], ids=["untied-default-rope", "tied-llama3-rope"])
+@pytest.mark.parametrize(
+    "folder", [TINY, TINY_LLAMA3], ids=["untied-default-rope", "tied-llama3-rope"]
+)
 def test_tiny_random_logits_match_transformers(folder):
     model = Transformer.from_pretrained(folder)
     ref = load_file(folder.parent / f"{folder.name}_ref.safetensors")
-    real = ref["attention_mask"].bool()                                  # (B, T): right padding
-    logits = model(ref["input_ids"])                                     # (B, T, vocab)
+    real = ref["attention_mask"].bool()  # (B, T): right padding
+    logits = model(ref["input_ids"])  # (B, T, vocab)
     assert logits.dtype == torch.float32
     assert (logits - ref["logits"])[real].abs().max() <= 1e-4
     positions = torch.arange(real.shape[1]).expand(real.shape[0], -1)
@@ -29,7 +32,8 @@ def test_tiny_random_logits_match_transformers(folder):
     # stay the same, and the pads come out as zeros, in the hidden states and the keys/values.
     packed, kvs = model.hidden(model.tok_embeddings(ref["input_ids"]), positions, mask=real)
     assert (packed - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
-    assert packed[~real].abs().max() == 0 and all(k.transpose(1, 2)[~real].abs().max() == 0 for k, _ in kvs)
+    assert packed[~real].abs().max() == 0
+    assert all(k.transpose(1, 2)[~real].abs().max() == 0 for k, _ in kvs)
 
 
 def test_llama3_rope_frequencies_match_transformers():
@@ -49,10 +53,12 @@ def test_cached_prefix_equals_one_pass():
     model = Transformer.from_pretrained(TINY)
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(12).expand(2, -1)
-    x = model.tok_embeddings(ids)                                        # (2, 12, D)
+    x = model.tok_embeddings(ids)  # (2, 12, D)
     full, _ = model.hidden(x, positions)
     _, past = model.hidden(x[:, :7], positions[:, :7])
-    suffix, _ = model.hidden(x[:, 7:], positions[:, 7:], past=past, past_mask=torch.ones(2, 7, dtype=torch.bool))
+    suffix, _ = model.hidden(
+        x[:, 7:], positions[:, 7:], past=past, past_mask=torch.ones(2, 7, dtype=torch.bool)
+    )
     assert (suffix - full[:, 7:]).abs().max() <= 1e-5
 
 
@@ -62,16 +68,16 @@ def test_attention_blocks_of_3_positions_match_the_fixture(monkeypatch):
     six, with padding, and the cached-prefix pass must still see exactly its past keys."""
     model = Transformer.from_pretrained(TINY)
     ref = load_file(TINY.parent / "tiny_random_ref.safetensors")
-    real = ref["attention_mask"].bool()                                  # (3, 16)
-    x = model.tok_embeddings(ref["input_ids"])                           # (3, 16, D)
+    real = ref["attention_mask"].bool()  # (3, 16)
+    x = model.tok_embeddings(ref["input_ids"])  # (3, 16, D)
     positions = torch.arange(16).expand(3, -1)
     one_block, _ = model.hidden(x, positions, mask=real)
     monkeypatch.setattr(model_module, "ATTENTION_BLOCK", 3)
     blocked, _ = model.hidden(x, positions, mask=real)
     assert (blocked - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
-    assert (blocked - one_block)[real].abs().max() <= 1e-5                 # fp32: shorter softmax sums
+    assert (blocked - one_block)[real].abs().max() <= 1e-5  # fp32: shorter softmax sums
     _, past = model.hidden(x[:, :4], positions[:, :4], mask=real[:, :4])
-    suffix, _ = model.hidden(x[:, 4:], positions[:, 4:], real[:, 4:], past, real[:, :4])  # 12 positions: 4 blocks
+    suffix, _ = model.hidden(x[:, 4:], positions[:, 4:], real[:, 4:], past, real[:, :4])  # 4 blocks
     assert (suffix - ref["hidden.final_norm"][:, 4:])[real[:, 4:]].abs().max() <= 1e-4
 
 
@@ -80,14 +86,15 @@ def test_gpu_attention_path_matches_the_fixture_on_cpu(monkeypatch):
     hidden states as the fixture, in one pass and with a cached prefix, at the real positions."""
     model = Transformer.from_pretrained(TINY)
     ref = load_file(TINY.parent / "tiny_random_ref.safetensors")
-    real = ref["attention_mask"].bool()                                  # (3, 16)
-    x = model.tok_embeddings(ref["input_ids"])                           # (3, 16, D)
+    real = ref["attention_mask"].bool()  # (3, 16)
+    x = model.tok_embeddings(ref["input_ids"])  # (3, 16, D)
     positions = torch.arange(16).expand(3, -1)
     monkeypatch.setattr(model_module, "use_sdpa", lambda device: True)
 
     class EveryPosition(model_module.Packing):  # what Packing does off the CPU
         def __init__(self, mask):
             self.B, self.T, self.real = *mask.shape, None
+
     monkeypatch.setattr(model_module, "Packing", EveryPosition)
     whole, _ = model.hidden(x, positions, mask=real)
     assert (whole - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
@@ -98,18 +105,19 @@ def test_gpu_attention_path_matches_the_fixture_on_cpu(monkeypatch):
 
 def test_compiled_blocks_match_eager_on_the_fixture():
     """`--compile`: the same logits (fp32, inductor's fused loops) on both passes of the fast path.
-    Slow-ish (inductor compiles C++: ~20 s on 2 cores), but it is what keeps the flag from rotting."""
+    Slow-ish (inductor compiles C++), but it is what keeps the flag from rotting."""
     model = Transformer.from_pretrained(TINY)
     ref = load_file(TINY.parent / f"{TINY.name}_ref.safetensors")
     real = ref["attention_mask"].bool()
-    ids = ref["input_ids"]                                               # (B, T)
+    ids = ref["input_ids"]  # (B, T)
     positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
     x = model.tok_embeddings(ids)
     _, past = model.hidden(x[:, :5], positions[:, :5])
     eager, _ = model.hidden(x[:, 5:], positions[:, 5:], past=past, past_mask=real[:, :5])
     model.compile_blocks()
-    assert (model(ids) - ref["logits"])[real].abs().max() <= 1e-4     # the one-pass graph
-    compiled, _ = model.hidden(x[:, 5:], positions[:, 5:], past=past, past_mask=real[:, :5])  # the cached-prefix graph
+    assert (model(ids) - ref["logits"])[real].abs().max() <= 1e-4  # the one-pass graph
+    # the cached-prefix graph
+    compiled, _ = model.hidden(x[:, 5:], positions[:, 5:], past=past, past_mask=real[:, :5])
     assert (compiled - eager)[real[:, 5:]].abs().max() <= 1e-5
 
 
@@ -119,9 +127,9 @@ def test_smollm2_fp32_matches_transformers_and_bf16_agrees_on_argmax():
     fp32 = Transformer.from_pretrained(folder)
     bf16 = Transformer.from_pretrained(folder, dtype=torch.bfloat16)
     for i in range(4):
-        ids = ref[f"input_ids.{i}"][None]                                 # (1, n)
+        ids = ref[f"input_ids.{i}"][None]  # (1, n)
         for model, tolerance in [(fp32, 1e-3), (bf16, 1.0)]:
-            logits = model(ids)[0]                                       # (n, vocab) float32
+            logits = model(ids)[0]  # (n, vocab) float32
             logprobs = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
             assert (logprobs - ref[f"next_token_logprobs.{i}"]).abs().max() <= tolerance
             assert (logits[-1] - ref[f"last_logits.{i}"]).abs().max() <= tolerance
@@ -181,14 +189,19 @@ def test_missing_or_misshaped_tensor(tiny_copy):
 def test_sharded_checkpoint_loads(tiny_copy):
     tensors = load_file(tiny_copy / "model.safetensors")
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:5],
+        "model-00002-of-00002.safetensors": names[5:],
+    }
     for file, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, tiny_copy / file)
     (tiny_copy / "model.safetensors").unlink()
     weight_map = {k: file for file, keys in shards.items() for k in keys}
     (tiny_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ids = torch.tensor([[1, 2, 3]])
-    assert torch.equal(Transformer.from_pretrained(tiny_copy)(ids), Transformer.from_pretrained(TINY)(ids))
+    assert torch.equal(
+        Transformer.from_pretrained(tiny_copy)(ids), Transformer.from_pretrained(TINY)(ids)
+    )
 
 
 def test_unsupported_model_type_or_rope(tiny_copy):
@@ -203,17 +216,20 @@ def test_unsupported_model_type_or_rope(tiny_copy):
 def test_tokenizer_larger_than_embedding_table(tmp_path):
     folder = tmp_path / "small_vocab"
     shutil.copytree(TINY, folder)
-    shutil.copy(smollm2_dir() / "tokenizer.json", folder)             # 49,152 ids vs 1,000 rows
-    with pytest.raises(ValueError, match="embedding table 'model.embed_tokens.weight' has only 1000 rows"):
+    shutil.copy(smollm2_dir() / "tokenizer.json", folder)  # 49,152 ids vs 1,000 rows
+    with pytest.raises(
+        ValueError, match="embedding table 'model.embed_tokens.weight' has only 1000 rows"
+    ):
         load(folder)
 
 
 def test_transformers5_rope_parameters_read_like_rope_scaling(tmp_path):
-    """transformers 5 saves RoPE settings as one "rope_parameters" dict: same frequencies either way."""
+    """transformers 5 saves RoPE settings as one "rope_parameters" dict: the same frequencies."""
     config = json.loads((TINY_LLAMA3 / "config.json").read_text())
     rope = {"rope_theta": config.pop("rope_theta"), **config.pop("rope_scaling")}
     (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
-    new, old = LlamaConfig.from_json(tmp_path / "config.json"), LlamaConfig.from_json(TINY_LLAMA3 / "config.json")
+    new = LlamaConfig.from_json(tmp_path / "config.json")
+    old = LlamaConfig.from_json(TINY_LLAMA3 / "config.json")
     assert new.rope_theta == old.rope_theta == 500000.0
     assert torch.equal(rope_frequencies(new), rope_frequencies(old))
 

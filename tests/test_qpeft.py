@@ -1,8 +1,12 @@
 """qpeft.py: the cached scorer against a naive full-sequence computation, top-k selection and the
 loss by hand, attention masking, what trains, save/load, the command line end to end on a tiny
 random Llama (with resume), and a smoke test with the real SmolLM2. About 15 s on 2 CPU cores."""
+
+import ast
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,9 +23,18 @@ import train
 from conftest import SHARED, smollm2_dir
 from data import TrainExample
 from model import load
-from train import TrainConfig
-from qpeft import (QPEFTConfig, Reranker, Template, TokenIds, batch_loss, encode_prefixes, load_module,
-                   save_module, score_pairs, select_top_k)
+from qpeft import (
+    QPEFTConfig,
+    Reranker,
+    Template,
+    TokenIds,
+    encode_prefixes,
+    load_adapter,
+    save_adapter,
+    score_pairs,
+    select_top_k,
+)
+from train import TrainConfig, batch_loss
 
 TOKENIZER_JSON = SHARED / "models" / "smollm2-135m-instruct" / "tokenizer.json"
 INSTRUCTION = QPEFTConfig().instruction
@@ -46,20 +59,43 @@ def write_tiny_llama(folder, seed=0):
     folder.mkdir(parents=True)
     D, layers, heads, kv_heads, ffn, vocab = 32, 2, 4, 2, 64, 49152
     hd = D // heads
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": D, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "intermediate_size": ffn, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": D,
+                "num_hidden_layers": layers,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "intermediate_size": ffn,
+                "vocab_size": vocab,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": True,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            }
+        )
+    )
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale):
         return torch.randn(*shape, generator=g) * scale
 
-    tensors = {"model.embed_tokens.weight": randn(vocab, D, scale=0.5), "model.norm.weight": 1 + randn(D, scale=0.1)}
+    tensors = {
+        "model.embed_tokens.weight": randn(vocab, D, scale=0.5),
+        "model.norm.weight": 1 + randn(D, scale=0.1),
+    }
     for i in range(layers):
-        shapes = {"self_attn.q_proj": (heads * hd, D), "self_attn.k_proj": (kv_heads * hd, D),
-                  "self_attn.v_proj": (kv_heads * hd, D), "self_attn.o_proj": (D, heads * hd),
-                  "mlp.gate_proj": (ffn, D), "mlp.up_proj": (ffn, D), "mlp.down_proj": (D, ffn)}
+        shapes = {
+            "self_attn.q_proj": (heads * hd, D),
+            "self_attn.k_proj": (kv_heads * hd, D),
+            "self_attn.v_proj": (kv_heads * hd, D),
+            "self_attn.o_proj": (D, heads * hd),
+            "mlp.gate_proj": (ffn, D),
+            "mlp.up_proj": (ffn, D),
+            "mlp.down_proj": (D, ffn),
+        }
         for name, shape in shapes.items():
             tensors[f"model.layers.{i}.{name}.weight"] = randn(*shape, scale=shape[1] ** -0.5)
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -77,7 +113,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     """(llm, tokenizer, template) in float32; the LLM is frozen, so tests can share it."""
-    llm, tokenizer = load(tiny_dir, dtype=torch.float32)
+    llm, tokenizer = qpeft.load_llm(tiny_dir, dtype=torch.float32)
     return llm, tokenizer, Template(tokenizer, INSTRUCTION)
 
 
@@ -101,37 +137,51 @@ def naive_score(llm, template, reranker, query, passage):
     E = llm.tok_embeddings
     text = template.question + query + [template.eos]
     if method == "zeroshot":
-        logits = llm(torch.tensor([template.prefix(passage) + text]))[0]             # (T, V) the plain API
+        logits = llm(torch.tensor([template.prefix(passage) + text]))[0]  # (T, V) the plain API
     else:
-        pieces = [E(torch.tensor(template.prefix(passage)))]                          # P + passage
-        if method == "prompt":                                                        # P replaced by the soft prompt
+        pieces = [E(torch.tensor(template.prefix(passage)))]  # P + passage
+        if method == "prompt":  # P replaced by the soft prompt
             P = len(template.prompt)
             pieces[0] = torch.cat([reranker.soft_prompt, pieces[0][P:]])
         if method == "qpeft-r":  # H = MLP(E'(["hints: "] + top-k ids + ["\n"]))
-            ids = template.hints_open + top_k(reranker, llm, query, passage, reranker.cfg.top_k) \
+            ids = (
+                template.hints_open
+                + top_k(reranker, llm, query, passage, reranker.cfg.top_k)
                 + template.hints_close
+            )
             pieces.append(reranker.mlp(reranker.embed_hint_ids(llm, torch.tensor(ids))))
-        if method == "qpeft-a":  # H = MLP([E'("hints: "), attention(E'(query), E(passage)), E'("\n")]), no padding
+        if (
+            method == "qpeft-a"
+        ):  # H = MLP([E'("hints: "), attention(E'(query), E(passage)), E'("\n")]), no padding
             keys = E(torch.tensor(passage))[None]
-            attended, _ = reranker.attention(reranker.embed_hint_ids(llm, torch.tensor(query))[None], keys, keys)
-            block = torch.cat([reranker.embed_hint_ids(llm, torch.tensor(template.hints_open)), attended[0],
-                               reranker.embed_hint_ids(llm, torch.tensor(template.hints_close))])
+            attended, _ = reranker.attention(
+                reranker.embed_hint_ids(llm, torch.tensor(query))[None], keys, keys
+            )
+            block = torch.cat(
+                [
+                    reranker.embed_hint_ids(llm, torch.tensor(template.hints_open)),
+                    attended[0],
+                    reranker.embed_hint_ids(llm, torch.tensor(template.hints_close)),
+                ]
+            )
             pieces.append(reranker.mlp(block))
         pieces.append(E(torch.tensor(text)))
-        x = torch.cat(pieces)[None]                                                   # (1, T, D)
+        x = torch.cat(pieces)[None]  # (1, T, D)
         h, _ = llm.hidden(x, torch.arange(x.shape[1])[None])
-        logits = llm.logits(h[0])                                                     # (T, V)
+        logits = llm.logits(h[0])  # (T, V)
     logprobs = logits.log_softmax(-1)
     targets = torch.tensor(query + [template.eos])
     n, T = len(targets), logits.shape[0]
     # position t predicts token t + 1: the last n tokens are predicted at positions T-n-1 .. T-2
-    return logprobs[T - n - 1:T - 1].gather(1, targets[:, None])[:, 0].mean()
+    return logprobs[T - n - 1 : T - 1].gather(1, targets[:, None])[:, 0].mean()
 
 
-PASSAGES = [" Paris is the capital and largest city of France.",
-            " Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in the leaves"
-            " of green plants.",
-            " Tea."]
+PASSAGES = [
+    " Paris is the capital and largest city of France.",
+    " Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in the leaves"
+    " of green plants.",
+    " Tea.",
+]
 QUERIES = ["capital of france", "how do green plants make sugar from light and water", "tea"]
 # (query, passage) pairs: every passage with two queries of other lengths, so rows are reused
 PAIRS = [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0)]
@@ -140,14 +190,25 @@ PAIRS = [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0)]
 @pytest.mark.parametrize("method", ["zeroshot", "prompt", "qpeft-r", "qpeft-a"])
 def test_cached_scorer_equals_naive_full_sequence(tiny, method):
     llm, tokenizer, template = tiny
-    reranker = make_reranker(method, llm, template, top_k=4)  # " Tea." has 2 distinct tokens < k: shorter H
-    passages = [tokenizer.encode(p) for p in PASSAGES]        # 10, 20 and 2 tokens: padded prefixes
-    queries = [tokenizer.encode(q) for q in QUERIES]          # 4, 10 and 2 tokens: padded suffixes
+    reranker = make_reranker(
+        method, llm, template, top_k=4
+    )  # " Tea." has 2 distinct tokens < k: shorter H
+    passages = [tokenizer.encode(p) for p in PASSAGES]  # 10, 20 and 2 tokens: padded prefixes
+    queries = [tokenizer.encode(q) for q in QUERIES]  # 4, 10 and 2 tokens: padded suffixes
     with torch.no_grad():
         prefix = encode_prefixes(llm, template, reranker, passages)
-        fast = score_pairs(llm, template, reranker, prefix, [d for _, d in PAIRS],
-                           [queries[q] for q, _ in PAIRS], [passages[d] for _, d in PAIRS])
-        slow = torch.stack([naive_score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS])
+        fast = score_pairs(
+            llm,
+            template,
+            reranker,
+            prefix,
+            [d for _, d in PAIRS],
+            [queries[q] for q, _ in PAIRS],
+            [passages[d] for _, d in PAIRS],
+        )
+        slow = torch.stack(
+            [naive_score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS]
+        )
     assert fast.dtype == torch.float32 and fast.shape == (len(PAIRS),)
     assert (fast - slow).abs().max() <= 1e-4, (fast, slow)
     assert (fast < 0).all()  # mean log-probabilities
@@ -158,48 +219,73 @@ def test_soft_prompt_gradient_through_the_shared_head_equals_naive(tiny):
     gradient must still collect every pair's share, as in one full pass per pair."""
     llm, tokenizer, template = tiny
     reranker = make_reranker("prompt", llm, template)
-    passages, queries = [tokenizer.encode(p) for p in PASSAGES], [tokenizer.encode(q) for q in QUERIES]
-    fast = score_pairs(llm, template, reranker, encode_prefixes(llm, template, reranker, passages),
-                       [d for _, d in PAIRS], [queries[q] for q, _ in PAIRS], [passages[d] for _, d in PAIRS])
-    slow = torch.stack([naive_score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS])
+    passages, queries = (
+        [tokenizer.encode(p) for p in PASSAGES],
+        [tokenizer.encode(q) for q in QUERIES],
+    )
+    fast = score_pairs(
+        llm,
+        template,
+        reranker,
+        encode_prefixes(llm, template, reranker, passages),
+        [d for _, d in PAIRS],
+        [queries[q] for q, _ in PAIRS],
+        [passages[d] for _, d in PAIRS],
+    )
+    slow = torch.stack(
+        [naive_score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS]
+    )
     weights = torch.linspace(1, 2, len(PAIRS))  # unequal: a pair dropped or counted twice shows
     (fast_grad,) = torch.autograd.grad((weights * fast).sum(), reranker.soft_prompt)
     (slow_grad,) = torch.autograd.grad((weights * slow).sum(), reranker.soft_prompt)
     assert slow_grad.abs().max() > 1e-3  # the soft prompt does matter to the scores
-    assert (fast_grad - slow_grad).abs().max() <= 1e-4 * slow_grad.abs().max(), (fast_grad - slow_grad).abs().max()
+    assert (fast_grad - slow_grad).abs().max() <= 1e-4 * slow_grad.abs().max(), (
+        (fast_grad - slow_grad).abs().max()
+    )
 
 
 def test_zeroshot_needs_no_module(tiny):
     """reranker=None is plain zero-shot query likelihood, the same as the zeroshot method."""
     llm, tokenizer, template = tiny
-    passages, queries = [tokenizer.encode(p) for p in PASSAGES], [tokenizer.encode(q) for q in QUERIES]
+    passages, queries = (
+        [tokenizer.encode(p) for p in PASSAGES],
+        [tokenizer.encode(q) for q in QUERIES],
+    )
     with torch.no_grad():
         args = ([0, 1, 2], queries, passages)
-        plain = score_pairs(llm, template, None, encode_prefixes(llm, template, None, passages), *args)
+        plain = score_pairs(
+            llm, template, None, encode_prefixes(llm, template, None, passages), *args
+        )
         zs = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
-        assert torch.equal(plain, score_pairs(llm, template, zs, encode_prefixes(llm, template, zs, passages), *args))
+        assert torch.equal(
+            plain,
+            score_pairs(llm, template, zs, encode_prefixes(llm, template, zs, passages), *args),
+        )
 
 
 # ---- Q-PEFT-R's top-k selection on a table where the cosines are obvious --------------------
 def top_k(reranker, llm, query, passage, k):
     """select_top_k for one pair, as a list."""
     ids, counts = select_top_k(reranker, llm, [query], [passage], k)
-    return ids[0, :counts[0]].tolist()
+    return ids[0, : counts[0]].tolist()
 
 
 def test_select_top_k_by_hand():
     # E' (query side) and E (passage side) are different tables on purpose: query id 0 is [1, 0, 0]
     # in E' but [0, 1, 0] in E; selecting with E(query) would put token 6 first.
     e_prime = torch.zeros(10, 3)
-    e_prime[0], e_prime[1] = torch.tensor([1., 0, 0]), torch.tensor([0., 0, 1])      # query tokens 0 and 1
+    e_prime[0], e_prime[1] = (
+        torch.tensor([1.0, 0, 0]),
+        torch.tensor([0.0, 0, 1]),
+    )  # query tokens 0 and 1
     E = torch.zeros(10, 3)
-    E[0] = torch.tensor([0., 1, 0])
-    E[1] = torch.tensor([0., 0, 1])
-    E[2] = torch.tensor([2., 0, 0])          # cos with query token 0: 1.0 (norm does not matter)
-    E[3] = torch.tensor([0., .6, .8])        # cos with query token 1: 0.8
-    E[4] = E[5] = torch.tensor([.6, .8, 0])  # 0.6 both: a tie between two ids
-    E[6] = torch.tensor([0., 1, 0])          # 0.0
-    E[7] = torch.tensor([-.6, 0, -.8])       # max(-0.6, -0.8) = -0.6
+    E[0] = torch.tensor([0.0, 1, 0])
+    E[1] = torch.tensor([0.0, 0, 1])
+    E[2] = torch.tensor([2.0, 0, 0])  # cos with query token 0: 1.0 (norm does not matter)
+    E[3] = torch.tensor([0.0, 0.6, 0.8])  # cos with query token 1: 0.8
+    E[4] = E[5] = torch.tensor([0.6, 0.8, 0])  # 0.6 both: a tie between two ids
+    E[6] = torch.tensor([0.0, 1, 0])  # 0.0
+    E[7] = torch.tensor([-0.6, 0, -0.8])  # max(-0.6, -0.8) = -0.6
     llm = SimpleNamespace(tok_embeddings=nn.Embedding.from_pretrained(E))
     reranker = SimpleNamespace(embed_hint_ids=lambda llm, ids: e_prime[ids])
     query = [0, 1]
@@ -223,16 +309,20 @@ def test_select_top_k_by_hand():
 # ---- Q-PEFT-A: padding in a batch changes nothing ------------------------------------------
 def test_attention_hint_block_ignores_padding(tiny):
     llm, tokenizer, template = tiny
-    reranker = make_reranker("qpeft-a", llm, template)      # eval mode: dropout off
+    reranker = make_reranker("qpeft-a", llm, template)  # eval mode: dropout off
     short_q, short_p = tokenizer.encode("tea"), tokenizer.encode(" Tea is a drink.")
     long_q = tokenizer.encode("how do green plants make sugar from light and water")
     long_p = tokenizer.encode(PASSAGES[1])
     with torch.no_grad():
         alone = reranker.hint_block(llm, template, [short_q], [short_p])[0]
-        batched = reranker.hint_block(llm, template, [long_q, short_q, short_q], [long_p, short_p, long_p])
+        batched = reranker.hint_block(
+            llm, template, [long_q, short_q, short_q], [long_p, short_p, long_p]
+        )
     # one vector per query token, between E'("hints: ") and E'("\n")
     assert alone.shape == (len(template.hints_open) + len(short_q) + len(template.hints_close), 32)
-    assert (batched[1] - alone).abs().max() <= 1e-5  # padded keys (passage) and padded queries are masked out
+    assert (
+        batched[1] - alone
+    ).abs().max() <= 1e-5  # padded keys (passage) and padded queries are masked out
     # ... and the block does depend on the passage (the attention is not a no-op)
     assert (batched[2] - alone).abs().max() > 1e-3
 
@@ -241,18 +331,29 @@ def test_attention_hint_block_ignores_padding(tiny):
 def test_batch_loss_by_hand(monkeypatch):
     # Two queries: q1 (positive A, hard negative a), q2 (positive B, hard negative b). Token "ids" are
     # just labels; score_pairs is replaced by a table of mean log-probs s, NLL = -s.
-    tokens = TokenIds(queries={"q1": [1], "q2": [2]}, passages={"A": [10], "a": [11], "B": [20], "b": [21]})
+    tokens = TokenIds(
+        queries={"q1": [1], "q2": [2]}, passages={"A": [10], "a": [11], "B": [20], "b": [21]}
+    )
     name = {tuple(v): k for k, v in {**tokens.queries, **tokens.passages}.items()}
-    s = {("q1", "A"): -1.0, ("q1", "B"): -1.6, ("q1", "a"): -0.8, ("q1", "b"): -2.5,
-         ("q2", "B"): -2.0, ("q2", "A"): -3.5, ("q2", "b"): -2.2, ("q2", "a"): -1.7}
+    s = {
+        ("q1", "A"): -1.0,
+        ("q1", "B"): -1.6,
+        ("q1", "a"): -0.8,
+        ("q1", "b"): -2.5,
+        ("q2", "B"): -2.0,
+        ("q2", "A"): -3.5,
+        ("q2", "b"): -2.2,
+        ("q2", "a"): -1.7,
+    }
     scored, pairs = [], []
 
     def fake_score_pairs(llm, template, reranker, prefix, rows, queries, passages):
         pairs.append([(name[tuple(q)], name[tuple(p)]) for q, p in zip(queries, passages)])
         scored.append(torch.tensor([s[k] for k in pairs[-1]], requires_grad=True))
         return scored[-1] * 1  # not a leaf, like a real score: its grad lands in scored[-1].grad
-    monkeypatch.setattr(qpeft, "score_pairs", fake_score_pairs)
-    monkeypatch.setattr(qpeft, "encode_prefixes", lambda *args: None)
+
+    monkeypatch.setattr(train, "score_pairs", fake_score_pairs)
+    monkeypatch.setattr(train, "encode_prefixes", lambda *args: None)
     reranker = SimpleNamespace(cfg=SimpleNamespace(method="qpeft-a"))
     batch = [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")]
     loss, terms = batch_loss(None, None, reranker, batch, tokens, margin=0.5)
@@ -262,7 +363,9 @@ def test_batch_loss_by_hand(monkeypatch):
     # hinges relu(NLL+ - NLL- + 0.5): q1/B relu(1.0-1.6+.5)=0, q1/a relu(1.0-0.8+.5)=0.7, q1/b 0,
     #   q2/A relu(2.0-3.5+.5)=0, q2/a relu(2.0-1.7+.5)=0.8, q2/b relu(2.0-2.2+.5)=0.3 -> 1.8/6 = 0.3
     assert loss.item() == pytest.approx(1.8, abs=1e-6)
-    assert terms["pointwise"].item() == pytest.approx(1.5) and terms["hinge"].item() == pytest.approx(0.3)
+    assert terms["pointwise"].item() == pytest.approx(1.5) and terms[
+        "hinge"
+    ].item() == pytest.approx(0.3)
     assert terms["active"].item() == pytest.approx(3 / 6)
     # own hard negatives: q1 ranks a (NLL 0.8) above A (1.0): wrong; q2 ranks B (2.0) above b (2.2): right
     assert terms["accuracy"].item() == pytest.approx(0.5)
@@ -270,8 +373,16 @@ def test_batch_loss_by_hand(monkeypatch):
     # a negative +1/6 when its hinge is active, else 0
     loss.backward()
     grad = dict(zip(pairs[0], scored[0].grad.tolist()))
-    expected = {("q1", "A"): -0.5 - 1 / 6, ("q1", "a"): 1 / 6, ("q1", "B"): 0.0, ("q1", "b"): 0.0,
-                ("q2", "B"): -0.5 - 2 / 6, ("q2", "b"): 1 / 6, ("q2", "A"): 0.0, ("q2", "a"): 1 / 6}
+    expected = {
+        ("q1", "A"): -0.5 - 1 / 6,
+        ("q1", "a"): 1 / 6,
+        ("q1", "B"): 0.0,
+        ("q1", "b"): 0.0,
+        ("q2", "B"): -0.5 - 2 / 6,
+        ("q2", "b"): 1 / 6,
+        ("q2", "A"): 0.0,
+        ("q2", "a"): 1 / 6,
+    }
     assert grad == pytest.approx(expected, abs=1e-6)
 
 
@@ -279,11 +390,25 @@ def test_batch_pairs_counts_each_negative_once():
     # q1's hard negative is q2's positive B, and q3 shares q1's positive A: B must be one negative of
     # q1, not two, and A is a positive of q3 (never its own negative) and not a negative of q1 either.
     # Every query also meets the other queries' hard negatives (b, c) as in-batch negatives.
-    batch = [TrainExample("q1", "A", "B"), TrainExample("q2", "B", "b"), TrainExample("q3", "A", "c")]
-    assert qpeft.batch_pairs(batch) == [
-        (0, "A", "positive"), (0, "B", "hard"), (0, "b", "in-batch"), (0, "c", "in-batch"),
-        (1, "B", "positive"), (1, "A", "in-batch"), (1, "b", "hard"), (1, "c", "in-batch"),
-        (2, "A", "positive"), (2, "B", "in-batch"), (2, "b", "in-batch"), (2, "c", "hard")]
+    batch = [
+        TrainExample("q1", "A", "B"),
+        TrainExample("q2", "B", "b"),
+        TrainExample("q3", "A", "c"),
+    ]
+    assert train.batch_pairs(batch) == [
+        (0, "A", "positive"),
+        (0, "B", "hard"),
+        (0, "b", "in-batch"),
+        (0, "c", "in-batch"),
+        (1, "B", "positive"),
+        (1, "A", "in-batch"),
+        (1, "b", "hard"),
+        (1, "c", "in-batch"),
+        (2, "A", "positive"),
+        (2, "B", "in-batch"),
+        (2, "b", "in-batch"),
+        (2, "c", "hard"),
+    ]
 
 
 def test_batch_loss_uses_the_right_prefix_rows(tiny):
@@ -291,17 +416,37 @@ def test_batch_loss_uses_the_right_prefix_rows(tiny):
     passages' cached rows are matched to the right pairs."""
     llm, tokenizer, template = tiny
     reranker = make_reranker("qpeft-a", llm, template)
-    texts = {"q1": "capital of france", "q2": "tea", "A": PASSAGES[0], "a": PASSAGES[1], "B": PASSAGES[2],
-             "b": " Coffee is made from roasted beans."}
-    tokens = TokenIds(queries={k: tokenizer.encode(v) for k, v in texts.items() if k.startswith("q")},
-                      passages={k: tokenizer.encode(v) for k, v in texts.items() if not k.startswith("q")})
+    texts = {
+        "q1": "capital of france",
+        "q2": "tea",
+        "A": PASSAGES[0],
+        "a": PASSAGES[1],
+        "B": PASSAGES[2],
+        "b": " Coffee is made from roasted beans.",
+    }
+    tokens = TokenIds(
+        queries={k: tokenizer.encode(v) for k, v in texts.items() if k.startswith("q")},
+        passages={k: tokenizer.encode(v) for k, v in texts.items() if not k.startswith("q")},
+    )
     with torch.no_grad():
-        loss, _ = batch_loss(llm, template, reranker, [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")],
-                             tokens, margin=0.3)
-        nll = {(q, d): -naive_score(llm, template, reranker, tokens.queries[q], tokens.passages[d]).item()
-               for q in ("q1", "q2") for d in ("A", "a", "B", "b")}
-    hinges = [max(0.0, nll["q1", "A"] - nll["q1", d] + 0.3) for d in ("B", "a", "b")] + \
-             [max(0.0, nll["q2", "B"] - nll["q2", d] + 0.3) for d in ("A", "a", "b")]
+        loss, _ = batch_loss(
+            llm,
+            template,
+            reranker,
+            [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")],
+            tokens,
+            margin=0.3,
+        )
+        nll = {
+            (q, d): -naive_score(
+                llm, template, reranker, tokens.queries[q], tokens.passages[d]
+            ).item()
+            for q in ("q1", "q2")
+            for d in ("A", "a", "B", "b")
+        }
+    hinges = [max(0.0, nll["q1", "A"] - nll["q1", d] + 0.3) for d in ("B", "a", "b")] + [
+        max(0.0, nll["q2", "B"] - nll["q2", d] + 0.3) for d in ("A", "a", "b")
+    ]
     expected = (nll["q1", "A"] + nll["q2", "B"]) / 2 + sum(hinges) / 6
     assert loss.item() == pytest.approx(expected, abs=1e-4)
 
@@ -310,33 +455,72 @@ def test_batch_loss_uses_the_right_prefix_rows(tiny):
 def test_trainable_parameter_counts_by_hand(tiny):
     llm, _, template = tiny
     D, V, P = 32, 49152, len(template.prompt)
-    mlp, attention = 2 * (D * D + D), 4 * D * D + 4 * D  # attention: in-proj (3D x D + 3D) + out-proj (D x D + D)
-    count = {m: Reranker(QPEFTConfig(method=m), llm, template).trainable_parameters() for m in qpeft.METHODS}
-    assert count == {"zeroshot": 0, "prompt": P * D, "qpeft-r": V * D + mlp, "qpeft-a": V * D + mlp + attention}
+    mlp, attention = (
+        2 * (D * D + D),
+        4 * D * D + 4 * D,
+    )  # attention: in-proj (3D x D + 3D) + out-proj (D x D + D)
+    count = {
+        m: Reranker(QPEFTConfig(method=m), llm, template).trainable_parameters()
+        for m in qpeft.METHODS
+    }
+    assert count == {
+        "zeroshot": 0,
+        "prompt": P * D,
+        "qpeft-r": V * D + mlp,
+        "qpeft-a": V * D + mlp + attention,
+    }
     light = Reranker(QPEFTConfig(method="qpeft-a", train_embeddings=False), llm, template)
-    assert light.trainable_parameters() == mlp + attention   # E' = frozen E: the light module
+    assert light.trainable_parameters() == mlp + attention  # E' = frozen E: the light module
 
 
 def small_training_set(tokenizer):
-    texts = {"t1": "capital of france", "t2": "how do plants make sugar", "t3": "tea", "t4": "how is coffee made",
-             "p1": PASSAGES[0], "p2": PASSAGES[1], "p3": PASSAGES[2], "p4": " Coffee is made from roasted beans.",
-             "n1": " Berlin is the capital of Germany.", "n2": " Mars is red."}
-    tokens = TokenIds(queries={k: tokenizer.encode(v) for k, v in texts.items() if k.startswith("t")},
-                      passages={k: tokenizer.encode(v) for k, v in texts.items() if not k.startswith("t")})
-    examples = [TrainExample("t1", "p1", "n1"), TrainExample("t2", "p2", "n2"),
-                TrainExample("t3", "p3", "n1"), TrainExample("t4", "p4", "n2")]
+    texts = {
+        "t1": "capital of france",
+        "t2": "how do plants make sugar",
+        "t3": "tea",
+        "t4": "how is coffee made",
+        "p1": PASSAGES[0],
+        "p2": PASSAGES[1],
+        "p3": PASSAGES[2],
+        "p4": " Coffee is made from roasted beans.",
+        "n1": " Berlin is the capital of Germany.",
+        "n2": " Mars is red.",
+    }
+    tokens = TokenIds(
+        queries={k: tokenizer.encode(v) for k, v in texts.items() if k.startswith("t")},
+        passages={k: tokenizer.encode(v) for k, v in texts.items() if not k.startswith("t")},
+    )
+    examples = [
+        TrainExample("t1", "p1", "n1"),
+        TrainExample("t2", "p2", "n2"),
+        TrainExample("t3", "p3", "n1"),
+        TrainExample("t4", "p4", "n2"),
+    ]
     return examples, examples[:2], tokens
 
 
 def dev_record(value):
     """What dev_check returns, with `value` as the selection measure (the loss terms do not matter here)."""
-    return {"dev_loss": 1.0, "pointwise": 1.0, "hinge": 0.0, "active": 0.0, "accuracy": 0.5,
-            train.SELECT_ON: value, "success_5": value}
+    return {
+        "dev_loss": 1.0,
+        "pointwise": 1.0,
+        "hinge": 0.0,
+        "active": 0.0,
+        "accuracy": 0.5,
+        train.SELECT_ON: value,
+        "success_5": value,
+    }
 
 
 def tiny_dev_set(dev_examples):
-    return train.DevSet("dev", [dev_examples], {"t1": ["p1", "n1"]}, {"t1": {"p1": 2.0, "n1": 1.0}},
-                        {"t1": {"p1": 1}}, 1)
+    return train.DevSet(
+        "dev",
+        [dev_examples],
+        {"t1": ["p1", "n1"]},
+        {"t1": {"p1": 2.0, "n1": 1.0}},
+        {"t1": {"p1": 1}},
+        1,
+    )
 
 
 def expected_gradient_rows(method, reranker, llm, template, batch, tokens):
@@ -344,16 +528,21 @@ def expected_gradient_rows(method, reranker, llm, template, batch, tokens):
     (attention queries); for qpeft-r, the top-k passage tokens selected for each pair (not the query's,
     which only rank candidates, without a gradient)."""
     rows = set(template.hints_open + template.hints_close)
-    for i, docid, _ in qpeft.batch_pairs(batch):
+    for i, docid, _ in train.batch_pairs(batch):
         query = tokens.queries[batch[i].qid]
-        rows |= set(query) if method == "qpeft-a" else \
-            set(top_k(reranker, llm, query, tokens.passages[docid], reranker.cfg.top_k))
+        rows |= (
+            set(query)
+            if method == "qpeft-a"
+            else set(top_k(reranker, llm, query, tokens.passages[docid], reranker.cfg.top_k))
+        )
     return rows
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("method", ["prompt", "qpeft-r", "qpeft-a"])
-def test_one_training_step_moves_exactly_what_has_a_gradient(tiny, tmp_path, monkeypatch, method, weight_decay):
+def test_one_training_step_moves_exactly_what_has_a_gradient(
+    tiny, tmp_path, monkeypatch, method, weight_decay
+):
     """After one step: the frozen LLM is bit-identical; the MLP, the attention and the soft prompt moved;
     in E' exactly the rows of the batch's hint (and, for qpeft-a, query) tokens moved. With weight decay
     0 a tensor moves only through its gradient; with decay, E' must still keep its other rows (no
@@ -365,14 +554,25 @@ def test_one_training_step_moves_exactly_what_has_a_gradient(tiny, tmp_path, mon
     module_before = {k: v.detach().clone() for k, v in qpeft.trainable_state(reranker).items()}
     # margin 100: every hinge is active, so every pair's hint tokens get a gradient (with margin 0, a
     # negative scored far below its positive passes none back)
-    tc = TrainConfig(steps=1, queries_per_batch=2, eval_every=1, weight_decay=weight_decay, margin=100.0)
+    tc = TrainConfig(
+        steps=1, queries_per_batch=2, eval_every=1, weight_decay=weight_decay, margin=100.0
+    )
     batch = data.train_batches(train_examples, tc.queries_per_batch, seed=tc.seed, epoch=0)[0]
     if method != "prompt":
         rows = expected_gradient_rows(method, reranker, llm, template, batch, tokens)
     checks = iter([0.1, 0.2])  # the step beats the untrained module on dev, so it is kept
     monkeypatch.setattr(train, "dev_check", lambda *args: dev_record(next(checks)))
-    reranker, state = train.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens, tc,
-                                  tmp_path, lambda message: None)
+    reranker, state = train.train(
+        llm,
+        template,
+        reranker,
+        train_examples,
+        tiny_dev_set(dev_examples),
+        tokens,
+        tc,
+        tmp_path,
+        lambda message: None,
+    )
     assert state["step"] == 1 and state["best_step"] == 1
     for name, tensor in llm.state_dict().items():
         assert torch.equal(tensor, llm_before[name]), name
@@ -383,7 +583,9 @@ def test_one_training_step_moves_exactly_what_has_a_gradient(tiny, tmp_path, mon
         assert tensor.dtype == torch.float32
         if name == "hint_embeddings.weight":
             moved = (tensor != module_before[name]).any(dim=1).nonzero()[:, 0].tolist()
-            assert set(moved) == rows, f"{method}: E' rows moved {sorted(moved)}, expected {sorted(rows)}"
+            assert set(moved) == rows, (
+                f"{method}: E' rows moved {sorted(moved)}, expected {sorted(rows)}"
+            )
         elif name == "soft_prompt":  # every one of its vectors
             assert (tensor != module_before[name]).any(dim=1).all()
         else:  # the MLP and the attention (not every entry: the key bias cannot change a softmax)
@@ -400,11 +602,21 @@ def test_training_keeps_the_module_of_the_best_dev_check(tiny, tmp_path, monkeyp
     def fake_dev_check(llm, template, module, *args):
         seen.append({k: v.detach().clone() for k, v in qpeft.trainable_state(module).items()})
         return dev_record(next(values))
+
     monkeypatch.setattr(train, "dev_check", fake_dev_check)
     tc = TrainConfig(steps=3, queries_per_batch=2, eval_every=1, patience=5)
     messages = []
-    reranker, state = train.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens, tc,
-                                  tmp_path, messages.append)
+    reranker, state = train.train(
+        llm,
+        template,
+        reranker,
+        train_examples,
+        tiny_dev_set(dev_examples),
+        tokens,
+        tc,
+        tmp_path,
+        messages.append,
+    )
     assert state["best_step"] == 1 and state["step"] == 3 and len(seen) == 4
     kept = qpeft.trainable_state(reranker)
     for name, tensor in kept.items():
@@ -414,8 +626,17 @@ def test_training_keeps_the_module_of_the_best_dev_check(tiny, tmp_path, monkeyp
     # when no step beats the untrained module, the log says so plainly
     values = iter([0.5, 0.4])
     reranker = Reranker(QPEFTConfig(method="qpeft-a"), llm, template)
-    _, state = train.train(llm, template, reranker, train_examples, tiny_dev_set(dev_examples), tokens,
-                           TrainConfig(steps=1, queries_per_batch=2, eval_every=1), tmp_path, messages.append)
+    _, state = train.train(
+        llm,
+        template,
+        reranker,
+        train_examples,
+        tiny_dev_set(dev_examples),
+        tokens,
+        TrainConfig(steps=1, queries_per_batch=2, eval_every=1),
+        tmp_path,
+        messages.append,
+    )
     assert state["best_step"] == 0 and "no training step beat the untrained module" in messages[-1]
 
 
@@ -428,7 +649,9 @@ def test_dev_check_runs_without_dropout(tiny):
     reranker.train()
     first = train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens)
     reranker.train()
-    assert train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens) == first
+    assert (
+        train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens) == first
+    )
     assert not reranker.training
 
 
@@ -445,119 +668,215 @@ def test_hint_block_is_mlp_of_linear_relu_linear(tiny, method):
         pre = x @ first.weight.T + first.bias
         assert (pre < 0).any()  # the ReLU has something to cut
         expected = pre.clamp(min=0) @ last.weight.T + last.bias
-    assert torch.allclose(h[:len(template.hints_open)], expected, atol=1e-5)
+    assert torch.allclose(h[: len(template.hints_open)], expected, atol=1e-5)
 
 
-# ---- a saved module gives identical scores --------------------------------------------------
+# ---- adapter folders: identical scores, and refused on another base model -------------------
 @pytest.mark.parametrize("method", ["prompt", "qpeft-r", "qpeft-a"])
-def test_save_and_load_module_scores_identically(tiny, tmp_path, method):
+def test_save_and_load_adapter_scores_identically(tiny_dir, tiny, tmp_path, method):
     llm, tokenizer, template = tiny
     reranker = make_reranker(method, llm, template, top_k=5, seed=3)
-    path = tmp_path / f"{method}.safetensors"
-    save_module(reranker, path, {"note": "test"})
-    assert json.loads(path.with_suffix(".json").read_text())["qpeft"]["method"] == method
-    loaded = load_module(path, llm, lambda cfg: Template(tokenizer, cfg.instruction))
+    folder = tmp_path / method
+    save_adapter(reranker, folder, llm, {"note": "test"})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (
+        config["qpeft_method"] == config["qpeft"]["method"] == method and config["note"] == "test"
+    )
+    assert config["base_model_name_or_path"] == "tiny-llama"
+    assert config["base_model_sha256"] == qpeft.model_fingerprint(tiny_dir) == llm.sha256
+    assert set(load_file(folder / "adapter_model.safetensors")) == set(
+        qpeft.trainable_state(reranker)
+    )
+    loaded = load_adapter(folder, llm, lambda cfg: Template(tokenizer, cfg.instruction))
     assert loaded.cfg == reranker.cfg and not loaded.training
-    passages, queries = [tokenizer.encode(p) for p in PASSAGES], [tokenizer.encode(q) for q in QUERIES]
+    passages = [tokenizer.encode(p) for p in PASSAGES]
+    queries = [tokenizer.encode(q) for q in QUERIES]
     with torch.no_grad():
-        a, b = [score_pairs(llm, template, r, encode_prefixes(llm, template, r, passages), [0, 1, 2, 0],
-                            queries + [queries[1]], passages + [passages[0]]) for r in (reranker, loaded)]
+        a, b = [
+            score_pairs(
+                llm,
+                template,
+                r,
+                encode_prefixes(llm, template, r, passages),
+                [0, 1, 2, 0],
+                queries + [queries[1]],
+                passages + [passages[0]],
+            )
+            for r in (reranker, loaded)
+        ]
     assert torch.equal(a, b)
 
 
-def test_load_module_bad_files(tiny, tmp_path):
+def test_load_adapter_bad_folders(tiny, tmp_path):
     llm, tokenizer, template = tiny
-    path = tmp_path / "qpeft-a.safetensors"
-    save_module(make_reranker("qpeft-a", llm, template), path, {})
-    config = json.loads(path.with_suffix(".json").read_text())
+    folder = tmp_path / "qpeft-a"
+    save_adapter(make_reranker("qpeft-a", llm, template), folder, llm, {})
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    # trained on another model of the same width: refused with both names, unless asked
+    config_file.write_text(
+        json.dumps(
+            {**config, "base_model_name_or_path": "other-llama", "base_model_sha256": "ab" * 32}
+        )
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"trained on other-llama \(sha256 abababababab\), not on "
+        r"tiny-llama .*--any-base-model",
+    ):
+        load_adapter(folder, llm, lambda cfg: template)
+    assert (
+        load_adapter(folder, llm, lambda cfg: template, any_base_model=True).cfg.method == "qpeft-a"
+    )
     # weights of one method under another method's config: named, not silently half-loaded
     config["qpeft"]["method"] = "qpeft-r"
-    path.with_suffix(".json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"qpeft-a.safetensors: tensor 'attention\..*' is missing, unexpected"):
-        load_module(path, llm, lambda cfg: template)
-    path.with_suffix(".json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"qpeft-a\.json: the module's config is missing"):
-        load_module(path, llm, lambda cfg: template)
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError,
+        match=r"adapter_model.safetensors: tensor 'attention\..*' is "
+        r"missing, unexpected",
+    ):
+        load_adapter(folder, llm, lambda cfg: template)
+    config_file.unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_config.json: missing"):
+        load_adapter(folder, llm, lambda cfg: template)
+    # a module saved as one file by an older qpeft: a clear error, not a crash
+    (tmp_path / "old.safetensors").write_bytes(b"")
+    (tmp_path / "old.json").write_text("{}")
+    with pytest.raises(ValueError, match="single-file module of an older qpeft"):
+        load_adapter(tmp_path / "old.safetensors", llm, lambda cfg: template)
 
 
 # ---- the Python API ------------------------------------------------------------------------
 def test_python_api_scores_like_the_fast_path(tiny_dir, tiny, tmp_path):
-    """load_ranker: score / rank / rerank on the tiny model give the fast path's scores, zero-shot and
-    with a saved module."""
+    """load_ranker: score / rank / rerank on the tiny model give the fast path's scores, zero-shot
+    and with a saved adapter."""
     llm, tokenizer, template = tiny
     module = make_reranker("qpeft-a", llm, template)
-    save_module(module, tmp_path / "qpeft-a.safetensors", {})
+    save_adapter(module, tmp_path / "qpeft-a", llm, {})
     passages = [p.strip() for p in PASSAGES]
-    for adapter, reranker in ((None, None), (tmp_path / "qpeft-a.safetensors", module)):
+    for adapter, reranker in ((None, None), (tmp_path / "qpeft-a", module)):
         ranker = qpeft.load_ranker(tiny_dir, adapter=adapter, device="cpu", dtype=torch.float32)
         scores = ranker.score(QUERIES[0], passages)
         p_ids, q_ids = [tokenizer.encode(" " + p) for p in passages], tokenizer.encode(QUERIES[0])
         with torch.no_grad():
-            expected = score_pairs(llm, template, reranker, encode_prefixes(llm, template, reranker, p_ids),
-                                   [0, 1, 2], [q_ids] * 3, p_ids).tolist()
+            prefix = encode_prefixes(llm, template, reranker, p_ids)
+            expected = score_pairs(
+                llm, template, reranker, prefix, [0, 1, 2], [q_ids] * 3, p_ids
+            ).tolist()
         assert scores == pytest.approx(expected, abs=1e-5)
         ranked = ranker.rank(QUERIES[0], passages, ids=["a", "b", "c"], top_k=2)
         assert [s for _, s in ranked] == sorted(scores, reverse=True)[:2]
         assert ranked[0][0] == "abc"[scores.index(max(scores))]
-        both = ranker.rerank({"q1": QUERIES[0], "q2": QUERIES[1]}, {"q1": ["a", "b"], "q2": ["b"]},
-                             {"a": passages[0], "b": passages[1]})
-        assert both["q1"] == pytest.approx({"a": scores[0], "b": scores[1]}, abs=1e-5) and list(both["q2"]) == ["b"]
+        both = ranker.rerank(
+            {"q1": QUERIES[0], "q2": QUERIES[1]},
+            {"q1": ["a", "b"], "q2": ["b"]},
+            {"a": passages[0], "b": passages[1]},
+        )
+        assert both["q1"] == pytest.approx({"a": scores[0], "b": scores[1]}, abs=1e-5) and list(
+            both["q2"]
+        ) == ["b"]
 
 
 # ---- the command line end to end on a tiny BEIR folder -------------------------------------
-CORPUS = {"p1": "Paris is the capital and largest city of France.",
-          "p2": "Photosynthesis lets plants make energy from light.",
-          "p3": "The Eiffel Tower is a landmark in Paris, France.",
-          "p4": "Berlin is the capital of Germany.",
-          "p5": "Plants need water, light and carbon dioxide.",
-          "p6": "Beijing, the capital of China, is near the Great Wall.",
-          "p7": "Coffee is made from roasted coffee beans and hot water.",
-          "p8": "Tea is made from the leaves of tea plants.",
-          "p9": "Mars is the fourth planet from the sun.",
-          "p10": "Water boils at 100 degrees Celsius at sea level, in France too."}
-QUERY_TEXT = {"t1": "capital of france", "t2": "how do plants make energy", "t3": "how is coffee made",
-              "t4": "which planet is fourth from the sun", "v1": "capital of germany", "v2": "what is tea made from",
-              "s1": "what is the capital of france", "s2": "do plants need water"}
-QRELS = {"train": [("t1", "p1", 1), ("t2", "p2", 1), ("t3", "p7", 1), ("t4", "p9", 1)],
-         "dev": [("v1", "p4", 1), ("v2", "p8", 1)],
-         "test": [("s1", "p1", 2), ("s1", "p3", 1), ("s2", "p5", 1)]}
+CORPUS = {
+    "p1": "Paris is the capital and largest city of France.",
+    "p2": "Photosynthesis lets plants make energy from light.",
+    "p3": "The Eiffel Tower is a landmark in Paris, France.",
+    "p4": "Berlin is the capital of Germany.",
+    "p5": "Plants need water, light and carbon dioxide.",
+    "p6": "Beijing, the capital of China, is near the Great Wall.",
+    "p7": "Coffee is made from roasted coffee beans and hot water.",
+    "p8": "Tea is made from the leaves of tea plants.",
+    "p9": "Mars is the fourth planet from the sun.",
+    "p10": "Water boils at 100 degrees Celsius at sea level, in France too.",
+}
+QUERY_TEXT = {
+    "t1": "capital of france",
+    "t2": "how do plants make energy",
+    "t3": "how is coffee made",
+    "t4": "which planet is fourth from the sun",
+    "v1": "capital of germany",
+    "v2": "what is tea made from",
+    "s1": "what is the capital of france",
+    "s2": "do plants need water",
+}
+QRELS = {
+    "train": [("t1", "p1", 1), ("t2", "p2", 1), ("t3", "p7", 1), ("t4", "p9", 1)],
+    "dev": [("v1", "p4", 1), ("v2", "p8", 1)],
+    "test": [("s1", "p1", 2), ("s1", "p3", 1), ("s2", "p5", 1)],
+}
 # first stage for train and dev; test has no run, so BM25 over the corpus is computed
-RUNS = {"train": {"t1": ["p3", "p1", "p4"], "t2": ["p5", "p2", "p8"], "t3": ["p8", "p7"], "t4": ["p9", "p7", "p8"]},
-        "dev": {"v1": ["p1", "p4"], "v2": ["p7", "p8", "p9"]}}
+RUNS = {
+    "train": {
+        "t1": ["p3", "p1", "p4"],
+        "t2": ["p5", "p2", "p8"],
+        "t3": ["p8", "p7"],
+        "t4": ["p9", "p7", "p8"],
+    },
+    "dev": {"v1": ["p1", "p4"], "v2": ["p7", "p8", "p9"]},
+}
 
 
 def write_beir(root, splits):
     """A BEIR folder with the qrels (and runs, where there are) of `splits`."""
     root.mkdir()
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n"
-                                               for d, t in CORPUS.items()))
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n"
-                                                for q, t in QUERY_TEXT.items()))
+    (root / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in CORPUS.items())
+    )
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERY_TEXT.items())
+    )
     (root / "qrels").mkdir()
     (root / "runs").mkdir()
     for split in splits:
         (root / "qrels" / f"{split}.tsv").write_text(
-            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in QRELS[split]))
+            "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in QRELS[split])
+        )
         if split in RUNS:
-            (root / "runs" / f"{split}.bm25.trec").write_text("".join(
-                f"{q} Q0 {d} {r} {10.0 - r} bm25\n" for q, docs in RUNS[split].items() for r, d in enumerate(docs, 1)))
+            (root / "runs" / f"{split}.bm25.trec").write_text(
+                "".join(
+                    f"{q} Q0 {d} {r} {10.0 - r} bm25\n"
+                    for q, docs in RUNS[split].items()
+                    for r, d in enumerate(docs, 1)
+                )
+            )
     return root
 
 
 def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
     data_dir, out = write_beir(tmp_path / "beir", ["train", "dev", "test"]), tmp_path / "out"
     common = ["--model", str(tiny_dir), "--dtype", "float32", "--depth", "3"]
-    cli.main(["--data", str(data_dir), *common, "--methods", "zeroshot,qpeft-r,qpeft-a", "--steps", "2",
-                "--eval-every", "1", "--queries-per-batch", "2", "--out", str(out), "--dev-queries", "2"])
+    cli.main(
+        [
+            "--data",
+            str(data_dir),
+            *common,
+            "--methods",
+            "zeroshot,qpeft-r,qpeft-a",
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--queries-per-batch",
+            "2",
+            "--out",
+            str(out),
+            "--dev-queries",
+            "2",
+        ]
+    )
     methods = ["zeroshot", "qpeft-r", "qpeft-a"]
     for method in methods:
         assert (out / f"{method}.test.trec").exists()
-    for method in ("qpeft-r", "qpeft-a"):  # trained modules, and no resume file left behind
-        assert (out / f"{method}.safetensors").exists() and not (out / f"{method}.resume.json").exists()
-        saved = json.loads((out / f"{method}.json").read_text())
+    for method in ("qpeft-r", "qpeft-a"):  # adapter folders, and no resume file left behind
+        assert (out / method / "adapter_model.safetensors").exists()
+        assert not (out / f"{method}.resume.json").exists()
+        saved = json.loads((out / method / "adapter_config.json").read_text())
         assert saved["qpeft"]["method"] == method and saved["train"]["steps"] == 2
-        assert [h["step"] for h in saved["history"] if "train_loss" in h] == [1, 2]
-    assert not (out / "zeroshot.safetensors").exists()
+        assert saved["base_model_name_or_path"] == "tiny-llama" and saved["data"] == "beir"
+        assert [h["step"] for h in saved["training"]["history"] if "train_loss" in h] == [1, 2]
+    assert not (out / "zeroshot").exists()
     log = (out / "log.txt").read_text()
     assert "qpeft-a: step 2 train loss" in log and "nDCG@10" in log
     # metrics.json: {method: {split: {measure: value}}}, plus {method: {"training": {...}}} for trained ones
@@ -571,11 +890,21 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
     assert metrics["qpeft-a"]["training"]["steps"] == 2 and metrics["qpeft-a"]["test"]["depth"] == 3
     # provenance: flags, versions, commit, and fingerprints of the model and every data file read
     record = metrics["qpeft-a"]["test"]["provenance"]
-    assert record["flags"]["steps"] == 2 and record["torch"] == torch.__version__ and record["qpeft_commit"]
+    assert (
+        record["flags"]["steps"] == 2
+        and record["torch"] == torch.__version__
+        and record["qpeft_commit"]
+    )
     assert len(record["model"]["sha256"]) == 64 and "provenance: qpeft" in log
-    assert sorted(Path(f).name for f in record["data"]) == ["corpus.jsonl", "dev.bm25.trec", "dev.tsv",
-                                                            "queries.jsonl", "test.tsv", "train.bm25.trec",
-                                                            "train.tsv"]
+    assert sorted(Path(f).name for f in record["data"]) == [
+        "corpus.jsonl",
+        "dev.bm25.trec",
+        "dev.tsv",
+        "queries.jsonl",
+        "test.tsv",
+        "train.bm25.trec",
+        "train.tsv",
+    ]
     # runs: every first-stage passage, distinct scores; the 3 reranked candidates above the BM25 tail
     bm25 = ir.read_run(out / "bm25.test.trec")
     # no test run given, so BM25 over the corpus: 5 matches per query, the top 3 reranked
@@ -589,10 +918,20 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
             assert set(ir.trec_ranking(docs)[:3]) == top3[q]
             assert all(docs[d] < 0 for d in top3[q])  # mean log-probs
 
-    # --eval-only with the saved module on a folder that has ONLY a test split (no train/dev to find)
+    # --eval-only with the saved adapter on a folder that has ONLY a test split (no train/dev to find)
     test_only, out2 = write_beir(tmp_path / "beir_test_only", ["test"]), tmp_path / "out2"
-    cli.main(["--data", str(test_only), *common, "--eval-only", "--checkpoint", str(out / "qpeft-a.safetensors"),
-                "--out", str(out2)])
+    cli.main(
+        [
+            "--data",
+            str(test_only),
+            *common,
+            "--eval-only",
+            "--adapter",
+            str(out / "qpeft-a"),
+            "--out",
+            str(out2),
+        ]
+    )
     # zero-shot (in --methods by default) is reranked beside the saved module, in one pass
     assert set(json.loads((out2 / "metrics.json").read_text())) == {"bm25", "zeroshot", "qpeft-a"}
     again, before = ir.read_run(out2 / "qpeft-a.test.trec"), ir.read_run(out / "qpeft-a.test.trec")
@@ -600,26 +939,184 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
         assert again[q] == pytest.approx(before[q], abs=1e-6)
 
 
+def test_cli_reranks_a_trec_run_and_rank_llm_requests(tiny_dir, tmp_path):
+    """--run and --requests rerank what they are given with the scores of --data: the BM25 run of
+    a --data job, fed back as a TREC run (tsv queries) and as rank_llm requests, gives the same
+    zero-shot run; with --qrels the same table, without them no evaluation."""
+    data_dir = write_beir(tmp_path / "beir", ["test"])
+    common = ["--model", str(tiny_dir), "--dtype", "float32", "--depth", "3"]
+    cli.main(
+        ["--data", str(data_dir), *common, "--methods", "zeroshot", "--out", str(tmp_path / "d")]
+    )
+    expected = ir.read_run(tmp_path / "d" / "zeroshot.test.trec")
+    bm25 = ir.read_run(tmp_path / "d" / "bm25.test.trec")
+    (tmp_path / "queries.tsv").write_text("".join(f"{q}\t{t}\n" for q, t in QUERY_TEXT.items()))
+    run_flags = [
+        "--run",
+        str(tmp_path / "d" / "bm25.test.trec"),
+        "--queries",
+        str(tmp_path / "queries.tsv"),
+        "--corpus",
+        str(data_dir / "corpus.jsonl"),
+    ]
+    cli.main(
+        [
+            *run_flags,
+            *common,
+            "--qrels",
+            str(data_dir / "qrels" / "test.tsv"),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert ir.read_run(tmp_path / "r" / "zeroshot.run.trec") == expected
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    before = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert metrics["zeroshot"]["run"]["ndcg_cut_10"] == before["zeroshot"]["test"]["ndcg_cut_10"]
+    cli.main([*run_flags, *common, "--out", str(tmp_path / "unjudged")])
+    assert ir.read_run(tmp_path / "unjudged" / "zeroshot.run.trec") == expected
+    assert "no qrels for run: runs written" in (tmp_path / "unjudged" / "log.txt").read_text()
+    # rank_llm requests: one line per query, doc as a dict or a plain string
+    lines = []
+    for q, docs in bm25.items():
+        candidates = [
+            {"docid": d, "score": v, "doc": {"contents": CORPUS[d]} if i % 2 else CORPUS[d]}
+            for i, (d, v) in enumerate(docs.items())
+        ]
+        lines.append(
+            json.dumps({"query": {"qid": q, "text": QUERY_TEXT[q]}, "candidates": candidates})
+        )
+    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    cli.main(
+        ["--requests", str(tmp_path / "requests.jsonl"), *common, "--out", str(tmp_path / "j")]
+    )
+    assert ir.read_run(tmp_path / "j" / "zeroshot.requests.trec") == expected
+    for line in (tmp_path / "j" / "zeroshot.requests.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        scores = [c["score"] for c in record["candidates"]]
+        assert scores == sorted(scores, reverse=True)
+        qid = record["query"]["qid"]
+        assert {c["docid"]: c["score"] for c in record["candidates"]} == pytest.approx(
+            expected[qid]
+        )
+
+
+def test_train_adapter_then_load_ranker(tiny_dir, tmp_path):
+    """qpeft.train_adapter: one call trains on a dataset, chooses on dev, saves the adapter
+    folder and returns a Ranker; load_ranker(adapter=folder) gives the same scores."""
+    data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
+    messages = []
+    ranker = qpeft.train_adapter(
+        "qpeft-r",
+        data=str(data_dir),
+        out=tmp_path / "a",
+        model=tiny_dir,
+        device="cpu",
+        dtype=torch.float32,
+        log=messages.append,
+        steps=2,
+        eval_every=1,
+        queries_per_batch=2,
+        dev_queries=2,
+        top_k=3,
+    )
+    config = json.loads((tmp_path / "a" / "qpeft-r" / "adapter_config.json").read_text())
+    assert (
+        config["qpeft"]["top_k"] == 3 and config["train"]["steps"] == 2 and config["data"] == "beir"
+    )
+    assert any("qpeft-r: keeping the module of step" in m for m in messages)
+    loaded = qpeft.load_ranker(
+        tiny_dir, adapter=tmp_path / "a" / "qpeft-r", device="cpu", dtype=torch.float32
+    )
+    passages = [p.strip() for p in PASSAGES]
+    assert loaded.score(QUERIES[0], passages) == ranker.score(QUERIES[0], passages)
+    with pytest.raises(TypeError, match="unknown setting 'stpes'"):
+        qpeft.train_adapter("qpeft-r", data=str(data_dir), model=tiny_dir, device="cpu", stpes=2)
+
+
+def test_readme_python_snippet_runs_as_written():
+    """The README's Python API snippet, run as written with the real SmolLM2, prints what the
+    README says: the same ids with scores within 0.1 (bf16 machines differ in the last digits)."""
+    smollm2_dir()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shown = section.split("prints", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed, expected = done.stdout.splitlines(), shown.strip().splitlines()
+    assert len(printed) == len(expected)
+    for got, want in zip(printed, expected):
+        got, want = ast.literal_eval(got), ast.literal_eval(want)
+        if isinstance(want, list):  # rank: (id, score) best first
+            assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+            got, want = dict(got), dict(want)
+        else:  # rerank: {qid: {docid: score}}
+            got, want = (
+                {f"{q}/{d}": v for q, docs in x.items() for d, v in docs.items()}
+                for x in (got, want)
+            )
+        assert got == pytest.approx(want, abs=0.1)
+
+
 def test_seeds_are_averaged_per_query(tiny_dir, tmp_path):
     """--seeds 2: two trained runs with their own files; the row is their mean, the SD is over the two
     runs' means, and the paired test runs on the per-query mean over seeds against zero-shot."""
     data_dir, out = write_beir(tmp_path / "beir", ["train", "dev", "test"]), tmp_path / "out"
-    cli.main(["--data", str(data_dir), "--model", str(tiny_dir), "--dtype", "float32", "--depth", "3",
-                "--methods", "zeroshot,qpeft-a", "--steps", "2", "--eval-every", "1", "--queries-per-batch", "2",
-                "--dev-queries", "2", "--seeds", "2", "--seed", "5", "--out", str(out)])
+    cli.main(
+        [
+            "--data",
+            str(data_dir),
+            "--model",
+            str(tiny_dir),
+            "--dtype",
+            "float32",
+            "--depth",
+            "3",
+            "--methods",
+            "zeroshot,qpeft-a",
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--queries-per-batch",
+            "2",
+            "--dev-queries",
+            "2",
+            "--seeds",
+            "2",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     qrels = {q: {d: g for qq, d, g in QRELS["test"] if qq == q} for q, _, _ in QRELS["test"]}
     ndcg = {}
     for name in ("zeroshot", "qpeft-a-seed5", "qpeft-a-seed6"):
         run = ir.read_run(out / f"{name}.test.trec")
-        ndcg[name] = {q: v["ndcg_cut_10"] for q, v in ir.evaluate(qrels, run, ["ndcg_cut_10"], 1).items()}
-    assert metrics["qpeft-a-seed5"]["training"]["seed"] == 5 and metrics["qpeft-a-seed6"]["training"]["seed"] == 6
+        ndcg[name] = {
+            q: v["ndcg_cut_10"] for q, v in ir.evaluate(qrels, run, ["ndcg_cut_10"], 1).items()
+        }
+    assert (
+        metrics["qpeft-a-seed5"]["training"]["seed"] == 5
+        and metrics["qpeft-a-seed6"]["training"]["seed"] == 6
+    )
     row = metrics["qpeft-a"]["test"]
     assert row["runs"] == ["qpeft-a-seed5", "qpeft-a-seed6"] and len(row["best_steps"]) == 2
     means = [sum(ndcg[n].values()) / 2 for n in row["runs"]]
     assert row["ndcg_cut_10"] == pytest.approx(sum(means) / 2)
-    assert row["sd"]["ndcg_cut_10"] == pytest.approx(abs(means[0] - means[1]) / 2 ** 0.5)
-    per_query_mean = {q: (ndcg["qpeft-a-seed5"][q] + ndcg["qpeft-a-seed6"][q]) / 2 for q in ndcg["zeroshot"]}
+    assert row["sd"]["ndcg_cut_10"] == pytest.approx(abs(means[0] - means[1]) / 2**0.5)
+    per_query_mean = {
+        q: (ndcg["qpeft-a-seed5"][q] + ndcg["qpeft-a-seed6"][q]) / 2 for q in ndcg["zeroshot"]
+    }
     delta, _, p = ir.paired_t_test(ndcg["zeroshot"], per_query_mean)
     assert row["ndcg_cut_10_delta_zeroshot"] == pytest.approx(delta)
     assert row["ndcg_cut_10_p_zeroshot"] == pytest.approx(p, nan_ok=True)
@@ -637,49 +1134,79 @@ class Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-
 @pytest.mark.parametrize("dropout", ["0.0", "0.1"])  # 0.1: dropout masks must continue too
 def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, dropout, capsys):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
-    args = ["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--depth", "2",
-            "--methods", "qpeft-a", "--steps", "4", "--eval-every", "1", "--queries-per-batch", "2",
-            "--dev-queries", "2", "--dropout", dropout]
+    args = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data_dir),
+        "--dtype",
+        "float32",
+        "--depth",
+        "2",
+        "--methods",
+        "qpeft-a",
+        "--steps",
+        "4",
+        "--eval-every",
+        "1",
+        "--queries-per-batch",
+        "2",
+        "--dev-queries",
+        "2",
+        "--dropout",
+        dropout,
+    ]
     cli.main(args + ["--out", str(tmp_path / "straight")])
 
     class Interrupted(Exception):
         pass
-    real_loss, train_calls = qpeft.batch_loss, []
 
-    def loss_then_crash(*a, **k):  # dev losses run without gradients; the 3rd training batch never finishes
+    real_loss, train_calls = train.batch_loss, []
+
+    def loss_then_crash(
+        *a, **k
+    ):  # dev losses run without gradients; the 3rd training batch never finishes
         if torch.is_grad_enabled():
             train_calls.append(1)
             if len(train_calls) == 3:
                 raise Interrupted
         return real_loss(*a, **k)
-    monkeypatch.setattr(qpeft, "batch_loss", loss_then_crash)
+
+    monkeypatch.setattr(train, "batch_loss", loss_then_crash)
     out = tmp_path / "interrupted"
     with pytest.raises(Interrupted):
         cli.main(args + ["--out", str(out)])
-    assert (out / "qpeft-a.resume.json").exists() and not (out / "qpeft-a.safetensors").exists()
+    assert (out / "qpeft-a.resume.json").exists() and not (out / "qpeft-a").exists()
     # a pickle where older versions kept the resume state is never read: its code never runs
     marker = tmp_path / "pickle-ran"
     torch.save(Payload(marker), out / "qpeft-a.resume.pt")
-    monkeypatch.setattr(qpeft, "batch_loss", real_loss)
+    monkeypatch.setattr(train, "batch_loss", real_loss)
     cli.main(args + ["--out", str(out), "--resume"])
     assert "qpeft-a: resumed at step 2" in (out / "log.txt").read_text() and not marker.exists()
-    assert not (out / "qpeft-a.resume.json").exists() and not (out / "qpeft-a.resume.safetensors").exists()
-    history = json.loads((out / "qpeft-a.json").read_text())["history"]
+    assert (
+        not (out / "qpeft-a.resume.json").exists()
+        and not (out / "qpeft-a.resume.safetensors").exists()
+    )
+    history = json.loads((out / "qpeft-a" / "adapter_config.json").read_text())["training"][
+        "history"
+    ]
     assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4]
     # the resumed run is the uninterrupted one: same dev losses, same weights (AdamW state restored too)
-    straight = json.loads((tmp_path / "straight" / "qpeft-a.json").read_text())["history"]
-    assert [h["dev_loss"] for h in history] == pytest.approx([h["dev_loss"] for h in straight], abs=1e-6)
-    resumed = load_file(out / "qpeft-a.safetensors")
-    uninterrupted = load_file(tmp_path / "straight" / "qpeft-a.safetensors")
+    straight = json.loads((tmp_path / "straight" / "qpeft-a" / "adapter_config.json").read_text())
+    straight = straight["training"]["history"]
+    assert [h["dev_loss"] for h in history] == pytest.approx(
+        [h["dev_loss"] for h in straight], abs=1e-6
+    )
+    resumed = load_file(out / "qpeft-a" / "adapter_model.safetensors")
+    uninterrupted = load_file(tmp_path / "straight" / "qpeft-a" / "adapter_model.safetensors")
     for name in uninterrupted:
         assert torch.allclose(resumed[name], uninterrupted[name], atol=1e-6, rtol=0), name
-    # --resume after a finished run reuses the saved module: it does not train further
+    # --resume after a finished run reuses the saved adapter: it does not train further
     cli.main(args + ["--out", str(out), "--resume", "--steps", "6"])
-    assert "qpeft-a: reusing trained module" in (out / "log.txt").read_text()
+    assert "qpeft-a: reusing trained adapter" in (out / "log.txt").read_text()
     assert json.loads((out / "metrics.json").read_text())["qpeft-a"]["training"]["steps"] == 4
     # ... but not under other module settings: its passages would be cut differently than in training
     with pytest.raises(SystemExit) as exit_info:
@@ -691,6 +1218,7 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path):
     def write_half_then_fail(f):
         Path(f).write_text("half")
         raise OSError("disk full")
+
     with pytest.raises(OSError, match="disk full"):
         qpeft.atomic_save(write_half_then_fail, tmp_path / "metrics.json")
     assert list(tmp_path.iterdir()) == []
@@ -703,11 +1231,31 @@ def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
     def clock():
         readings.append(10.0 * len(readings))
         return readings[-1]
+
     monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=clock))
     out = tmp_path / "out"
-    cli.main(["--model", str(tiny_dir), "--data", str(write_beir(tmp_path / "beir", ["train", "dev", "test"])),
-                "--dtype", "float32", "--depth", "2", "--methods", "zeroshot,qpeft-a", "--steps", "1",
-                "--queries-per-batch", "2", "--dev-queries", "2", "--out", str(out)])
+    cli.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(write_beir(tmp_path / "beir", ["train", "dev", "test"])),
+            "--dtype",
+            "float32",
+            "--depth",
+            "2",
+            "--methods",
+            "zeroshot,qpeft-a",
+            "--steps",
+            "1",
+            "--queries-per-batch",
+            "2",
+            "--dev-queries",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     # the last reading is the one the total is taken at; the first is taken before the model is loaded
     assert f"total wall time {readings[-1] - readings[0]:.0f} s" in (out / "log.txt").read_text()
 
@@ -720,17 +1268,20 @@ def test_unknown_method_is_a_clean_usage_error(capsys):
     assert "unknown method 'bogus'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--depth", "-1"], "--depth: -1 is out of range (must be >= 1)"),
-    (["--max-passage-tokens", "0"], "--max-passage-tokens: 0 is out of range"),
-    (["--train-queries", "-1"], "--train-queries: -1 is out of range (must be >= 0)"),
-    (["--eval-every", "0"], "--eval-every: 0 is out of range"),
-    (["--queries-per-batch", "0"], "--queries-per-batch: 0 is out of range"),
-    (["--dev-queries", "0"], "--dev-queries: 0 is out of range"),
-    (["--dropout", "2"], "--dropout: 2.0 is out of range (must be >= 0.0 and < 1.0)"),
-    (["--token-budget", "0"], "--token-budget: 0 is out of range"),
-    (["--seeds", "0"], "--seeds: 0 is out of range"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--depth", "-1"], "--depth: -1 is out of range (must be >= 1)"),
+        (["--max-passage-tokens", "0"], "--max-passage-tokens: 0 is out of range"),
+        (["--train-queries", "-1"], "--train-queries: -1 is out of range (must be >= 0)"),
+        (["--eval-every", "0"], "--eval-every: 0 is out of range"),
+        (["--queries-per-batch", "0"], "--queries-per-batch: 0 is out of range"),
+        (["--dev-queries", "0"], "--dev-queries: 0 is out of range"),
+        (["--dropout", "2"], "--dropout: 2.0 is out of range (must be >= 0.0 and < 1.0)"),
+        (["--token-budget", "0"], "--token-budget: 0 is out of range"),
+        (["--seeds", "0"], "--seeds: 0 is out of range"),
+    ],
+)
 def test_numeric_flags_are_range_checked_before_any_work(flags, message, capsys):
     """Bad numbers are argparse errors (one line, exit 2) before the model or the data is read."""
     with pytest.raises(SystemExit) as exit_info:
@@ -741,10 +1292,21 @@ def test_numeric_flags_are_range_checked_before_any_work(flags, message, capsys)
 def test_input_errors_are_one_line(tiny_dir, tmp_path, capsys):
     """An input error names what is wrong on one line, exit code 2, no traceback; --debug shows it."""
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
-    common = ["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--out", str(tmp_path / "o")]
-    cases = [(["--split", "nosuch", "--methods", "zeroshot"], "has no split 'nosuch'"),
-             (["--heads", "5", "--methods", "qpeft-a"], "--heads 5 does not divide the width"),
-             (["--data", str(tmp_path / "missing")], "dataset")]
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data_dir),
+        "--dtype",
+        "float32",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    cases = [
+        (["--split", "nosuch", "--methods", "zeroshot"], "has no split 'nosuch'"),
+        (["--heads", "5", "--methods", "qpeft-a"], "--heads 5 does not divide the width"),
+        (["--data", str(tmp_path / "missing")], "dataset"),
+    ]
     for flags, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(common + flags)
@@ -760,8 +1322,20 @@ def test_non_finite_scores_are_an_error(tiny_dir, tmp_path, monkeypatch, capsys)
     real_score_pairs = qpeft.score_pairs
     monkeypatch.setattr(qpeft, "score_pairs", lambda *a: real_score_pairs(*a) * float("nan"))
     with pytest.raises(SystemExit):
-        cli.main(["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", "--methods", "zeroshot",
-                    "--out", str(tmp_path / "o")])
+        cli.main(
+            [
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data_dir),
+                "--dtype",
+                "float32",
+                "--methods",
+                "zeroshot",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     err = capsys.readouterr().err
     assert "zeroshot scored query" in err and "non-finite scores are not ranked" in err
     assert not (tmp_path / "o" / "metrics.json").exists()
@@ -770,27 +1344,46 @@ def test_non_finite_scores_are_an_error(tiny_dir, tmp_path, monkeypatch, capsys)
 # ---- the real SmolLM2: zero-shot query likelihood prefers the relevant passage ----------------
 def test_smollm2_zeroshot_prefers_relevant_passages():
     folder = smollm2_dir()
-    passages = [" Paris is the capital and most populous city of France, on the river Seine.",
-                " Photosynthesis is the process by which green plants use sunlight to make food from carbon "
-                "dioxide and water.",
-                " Romeo and Juliet is a tragedy written by William Shakespeare early in his career."]
-    queries = ["what is the capital of france", "how do plants make food from sunlight", "who wrote romeo and juliet"]
+    passages = [
+        " Paris is the capital and most populous city of France, on the river Seine.",
+        " Photosynthesis is the process by which green plants use sunlight to make food from carbon "
+        "dioxide and water.",
+        " Romeo and Juliet is a tragedy written by William Shakespeare early in his career.",
+    ]
+    queries = [
+        "what is the capital of france",
+        "how do plants make food from sunlight",
+        "who wrote romeo and juliet",
+    ]
     pairs = [(q, d) for q in range(3) for d in range(3)]
     scores = {}
     for dtype in (torch.float32, torch.bfloat16):
         llm, tokenizer = load(folder, dtype=dtype)
         template = Template(tokenizer, INSTRUCTION)
-        p_ids, q_ids = [tokenizer.encode(p) for p in passages], [tokenizer.encode(q) for q in queries]
+        p_ids, q_ids = (
+            [tokenizer.encode(p) for p in passages],
+            [tokenizer.encode(q) for q in queries],
+        )
         with torch.no_grad():
             prefix = encode_prefixes(llm, template, None, p_ids)
-            scores[dtype] = score_pairs(llm, template, None, prefix, [d for _, d in pairs],
-                                        [q_ids[q] for q, _ in pairs], [p_ids[d] for _, d in pairs]).view(3, 3)
+            scores[dtype] = score_pairs(
+                llm,
+                template,
+                None,
+                prefix,
+                [d for _, d in pairs],
+                [q_ids[q] for q, _ in pairs],
+                [p_ids[d] for _, d in pairs],
+            ).view(3, 3)
         # scores[query, passage]; query i's relevant passage is passage i, so the diagonal wins every
         # row (measured margins: about 1 nat per token)
         assert scores[dtype].argmax(1).tolist() == [0, 1, 2], (dtype, scores[dtype])
         if dtype == torch.float32:  # the real tokenizer and model: cached path == one plain pass
             zs = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
             with torch.no_grad():
-                assert abs(scores[dtype][0, 0] - naive_score(llm, template, zs, q_ids[0], p_ids[0])) <= 1e-4
+                assert (
+                    abs(scores[dtype][0, 0] - naive_score(llm, template, zs, q_ids[0], p_ids[0]))
+                    <= 1e-4
+                )
     # bf16 (the CLI default) stays close to fp32: measured differences are below 0.05 nat/token
     assert (scores[torch.bfloat16] - scores[torch.float32]).abs().max() <= 0.15
