@@ -77,7 +77,6 @@ def score_pairs_uncached(llm, template, reranker, queries, passages):
     return torch.stack(scores)
 
 
-
 def random_model(cfg, shape, dtype, device):
     """A frozen Llama with `cfg`'s vocabulary and special ids in `shape`, random N(0, 0.02)
     matrices and unit norms (GPT-2's init: the residual stream stays tame over many layers)."""

@@ -65,7 +65,7 @@ SHOWN_BINARY = {
 
 
 def mean_over_seeds(per_query_runs):
-    """{qid: {measure: mean over the runs}}: one trained method's per-query values over its seeds."""
+    """{qid: {measure: mean over the runs}}: a trained method's per-query values over its seeds."""
     first = per_query_runs[0]
     return {
         q: {m: sum(r[q][m] for r in per_query_runs) / len(per_query_runs) for m in first[q]}
@@ -84,9 +84,7 @@ def ndcg_delta(per_query, name, base):
     return delta, p
 
 
-# ---------------------------------------------------------------------------------------------
-# Flags
-# ---------------------------------------------------------------------------------------------
+# ---- Flags ----------------------------------------------------------------------------------
 PRESETS = {
     # The default job (README has its measured wall time).
     "laptop": dict(depth=30, steps=100, methods="zeroshot,qpeft-a", train_data="", seeds=1),
@@ -144,8 +142,8 @@ def parse_args(argv):
     )
     p.add_argument(
         "--qrels",
-        help="judgments for --run or --requests (query-id<TAB>corpus-id<TAB>"
-        "grade); without them the runs are written and nothing is evaluated",
+        help="judgments for --run or --requests (query-id<TAB>corpus-id<TAB>grade); "
+        "without them the runs are written and nothing is evaluated",
     )
     p.add_argument(
         "--requests",
@@ -182,8 +180,8 @@ def parse_args(argv):
     p.add_argument(
         "--device",
         default="auto",
-        help="auto, cpu, cuda, cuda:N or mps (auto: cuda "
-        "when available); under torchrun each process takes cuda:LOCAL_RANK",
+        help="auto, cpu, cuda, cuda:N or mps (auto: cuda when available); "
+        "under torchrun each process takes cuda:LOCAL_RANK",
     )
     p.add_argument(
         "--dtype",
@@ -196,8 +194,8 @@ def parse_args(argv):
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the LLM's blocks for "
-        "reranking (needs a C++ compiler; see README, Speed)",
+        help="torch.compile the LLM's blocks for reranking "
+        "(needs a C++ compiler; see README, Speed)",
     )
     p.add_argument(
         "--train-queries", type=int, default=0, help="use only the first N train queries (0 = all)"
@@ -265,7 +263,7 @@ def add_field(parser, f):
 
 
 def pick(dataclass_type, args):
-    """A config from the CLI: flags that were given, else the preset's, else the dataclass default."""
+    """A config from the CLI: the flags given, else the preset's, else the dataclass default."""
     given = {
         f.name: getattr(args, f.name)
         for f in fields(dataclass_type)
@@ -277,7 +275,11 @@ def pick(dataclass_type, args):
 def provenance(args, argv, device, llm, files):
     """What a number depends on, recorded beside it in metrics.json: every resolved flag, the
     qpeft commit, versions, the device, the model's fingerprint (qpeft.model_fingerprint) and the
-    sha256 of every data file read (msmarco_small: 10 files, 7.1 MB, well under a second)."""
+    sha256 of every data file read (msmarco_small: 10 files, 7.1 MB, cheap to hash)."""
+    where = str(device)
+    if device.type == "cpu":
+        cpu = platform.processor() or platform.machine()
+        where = f"cpu ({cpu}), {torch.get_num_threads()} threads"
     return {
         "argv": argv if argv is not None else sys.argv[1:],
         "flags": vars(args),
@@ -285,18 +287,14 @@ def provenance(args, argv, device, llm, files):
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": __import__("numpy").__version__,
-        "device": str(device)
-        if device.type != "cpu"
-        else f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": where,
         "processes": world(),
         "model": {"name": llm.name, "sha256": llm.sha256},
         "data": {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# The job, step by step
-# ---------------------------------------------------------------------------------------------
+# ---- The job, step by step ------------------------------------------------------------------
 def main(argv=None):
     """The command line. Errors in the input (data, model folder, adapter, flags) are one line,
     `qpeft.py: error: ...`, and exit code 2, as in eval.py; --debug shows their traceback."""
@@ -369,15 +367,8 @@ def adapters(args, llm, template_for):
                 f"--adapter: two rows would be called {name!r} ({folder}); rename the folder"
             )
         rerankers[name] = load_adapter(folder, llm, template_for, args.any_base_model)
-    if (
-        len(
-            {
-                (r.cfg.instruction, r.cfg.max_passage_tokens, r.cfg.max_query_tokens)
-                for r in rerankers.values()
-            }
-        )
-        > 1
-    ):
+    configs = [r.cfg for r in rerankers.values()]
+    if len({(c.instruction, c.max_passage_tokens, c.max_query_tokens) for c in configs}) > 1:
         raise ValueError(
             "--adapter: the adapters differ in instruction or max_passage/query_tokens"
         )
@@ -491,7 +482,7 @@ def run_command(args, argv):
                 metrics.setdefault(name, {})["training"] = training
             groups[method].append(name)
 
-    if args.compile:  # after training: compiling the backward graphs took longer than it saved
+    if args.compile:  # after training: compiling the backward graphs would cost more than it saves
         llm.compile_blocks()
     scores, timing = rerank(
         llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {split}"
@@ -588,9 +579,8 @@ def report(
         entry = {**ir.summarize(per_query[row]), "queries": len(per_query[row])}
         for base in ("bm25", "zeroshot"):
             if base in per_query and row not in (base, "bm25"):
-                entry[f"ndcg_cut_10_delta_{base}"], entry[f"ndcg_cut_10_p_{base}"] = ndcg_delta(
-                    per_query, row, base
-                )
+                delta, p = ndcg_delta(per_query, row, base)
+                entry[f"ndcg_cut_10_delta_{base}"], entry[f"ndcg_cut_10_p_{base}"] = delta, p
         if row in groups:
             names = groups[row]
             per_seed = {n: ir.summarize(per_run[n]) for n in names}
@@ -625,9 +615,10 @@ def results_table(results, split, level, depth, shown):
     """One row per method: the `shown` means (over seeds for trained methods, with nDCG@10's SD),
     nDCG@10 deltas to BM25 and zero-shot with p-values, the dev-chosen step of each seed, speed."""
     lines = [
-        f"{split}: {results['bm25']['queries']} queries, BM25 top-{depth} reranked; trec_eval semantics "
-        f"(nDCG graded; MRR/R/HR at relevance >= {level}; queries in both run and qrels); trained "
-        f"methods: mean over seeds (SD of nDCG@10); p: paired t-test over queries",
+        f"{split}: {results['bm25']['queries']} queries, BM25 top-{depth} reranked; "
+        f"trec_eval semantics (nDCG graded; MRR/R/HR at relevance >= {level}; "
+        f"queries in both run and qrels); trained methods: mean over seeds (SD of nDCG@10); "
+        f"p: paired t-test over queries",
         f"{'method':10}{'seeds':>6}"
         + "".join(f"{v:>9}" for v in shown.values())
         + f"{'SD':>8}"

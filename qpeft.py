@@ -7,17 +7,17 @@ Spec: ../shared/docs/method.md. A frozen LLM scores a (query, passage) pair by q
     [bos] P "\\nPassage:" " {passage}" " \\n" H "Question: \\n" {query} eos
 
 (the spec's template; the newline after the instruction P is our choice, so that "Passage:" starts
-a line). score = mean log-probability of the query tokens and eos. Four rerankers differ in what trains:
-  zeroshot  nothing                       P frozen, no H
-  prompt    P (soft prompt, Lester et al.) P trainable, no H
-  qpeft-r   E' and the MLP                 H = MLP(E'("hints: "), E'(top-k passage tokens), E'("\\n"))
-  qpeft-a   E', attention and the MLP      H = MLP(E'("hints: "), attention(E'(query), E(passage)), E'("\\n"))
+a line). score = mean log-probability of the query tokens and eos. E is the LLM's embedding table,
+E' a trainable copy of it. Four rerankers differ in what trains:
+  zeroshot  nothing             P frozen, no H
+  prompt    P (soft prompt)     P trainable (Lester et al.), no H
+  qpeft-r   E' and the MLP      H = MLP(E'("hints: "), E'(top-k passage tokens), E'("\\n"))
+  qpeft-a   E', attention, MLP  H = MLP(E'("hints: "), attention(E'(query), E(passage)), E'("\\n"))
 
 Fast path: P and the passage come before anything query-dependent, so their keys/values are
 computed once per passage (P's once per batch of passages) and reused for every query and every
-method that meets the passage;
-only H, "Question: \\n" and the query run per pair, and logits are computed only where the query
-is predicted.
+method that meets the passage; only H, "Question: \\n" and the query run per pair, and logits
+are computed only where the query is predicted.
 """
 
 import hashlib
@@ -50,28 +50,22 @@ class QPEFTConfig:
     top_k: int = 15  # qpeft-r: hint tokens taken from the passage (paper: 10-20)
     heads: int = 2  # qpeft-a: attention heads (paper: 2)
     dropout: float = 0.1  # qpeft-a: attention dropout while training (paper: 0.1)
-    train_embeddings: bool = (
-        True  # E' is a trainable copy of E (paper); False: E' = frozen E, a light module
-    )
-    residual_mlp: bool = (
-        False  # hint = x + MLP(x), MLP ends at 0 (not in the paper; off = faithful)
-    )
+    train_embeddings: bool = True  # E' = trainable copy of E (paper); False: frozen E, light module
+    residual_mlp: bool = False  # H = x + MLP(x), MLP starts at 0 (not in the paper; off = faithful)
     max_passage_tokens: int = 160  # passages are cut to this many tokens, keeping the start
     max_query_tokens: int = 64  # queries too (a query is also the hint block of qpeft-a)
 
 
 @dataclass
 class TokenIds:
-    """Token ids of passages and queries, kept apart: MS MARCO numbers both with the same kind of
-    id strings (passage 1072603 and query 1072603 both exist), so one shared table would mix them."""
+    """Token ids of passages and queries, kept apart: MS MARCO numbers both with the same kind
+    of id strings (passage 1072603 and query 1072603 both exist), so one table would mix them."""
 
     passages: dict  # docid -> ids of " {passage}", cut to max_passage_tokens
     queries: dict  # qid -> ids of "{query}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Devices and torchrun: one process per device, PyTorch's DistributedDataParallel
-# ---------------------------------------------------------------------------------------------
+# ---- Devices and torchrun: one process per device, PyTorch's DistributedDataParallel --------
 def rank():
     """This process's rank under torchrun (0 when run alone): rank 0 logs and writes every file."""
     return dist.get_rank() if dist.is_initialized() else 0
@@ -99,9 +93,8 @@ def setup_device(name):
                 )
             if local >= torch.cuda.device_count():
                 raise ValueError(
-                    f"--device cuda: local rank {local} but only "
-                    f"{torch.cuda.device_count()} GPUs on this node (use --nproc_per_node "
-                    f"{torch.cuda.device_count()} or fewer)"
+                    f"--device cuda: local rank {local} but only {torch.cuda.device_count()} GPUs "
+                    f"on this node (use --nproc_per_node {torch.cuda.device_count()} or fewer)"
                 )
             name = f"cuda:{local}"
         elif name == "cuda":
@@ -123,9 +116,7 @@ def gather(value):
     return values
 
 
-# ---------------------------------------------------------------------------------------------
-# The input template, tokenised piece by piece
-# ---------------------------------------------------------------------------------------------
+# ---- The input template, tokenised piece by piece -------------------------------------------
 class Template:
     """Token ids of the fixed text pieces. Each piece is tokenised on its own and the ids are
     concatenated (not the joined string): a passage's ids, and so its cached keys/values, must
@@ -155,9 +146,7 @@ class Template:
         return self.head + passage_ids + self.passage_close
 
 
-# ---------------------------------------------------------------------------------------------
-# The trainable part of each method
-# ---------------------------------------------------------------------------------------------
+# ---- The trainable part of each method ------------------------------------------------------
 class Reranker(nn.Module):
     """The trainable parameters of one method around a frozen LLM. The LLM is passed to every
     call instead of being a submodule, so it is never trained, moved or saved with this module."""
@@ -195,29 +184,27 @@ class Reranker(nn.Module):
         return self.hint_embeddings(ids)
 
     def hint_block(self, llm, template, queries, passages):
-        """H for each pair: a list of (h_i, D) float32 tensors. queries/passages: lists of id lists."""
+        """H per pair: a list of (h_i, D) float32 tensors; queries/passages: id lists per pair."""
         dev = llm.tok_embeddings.weight.device
         if self.cfg.method == "qpeft-r":
             ids, counts = select_top_k(self, llm, queries, passages, self.cfg.top_k)  # (N, k), (N,)
-            opening = torch.tensor(template.hints_open, device=dev).expand(len(ids), -1)
-            closing = torch.tensor(template.hints_close, device=dev).expand(len(ids), -1)
+            opening = torch.tensor(template.hints_open, device=dev).expand(len(ids), -1)  # (N, o)
+            closing = torch.tensor(template.hints_close, device=dev).expand(len(ids), -1)  # (N, c)
             rows = torch.cat([opening, ids, closing], dim=1)  # (N, o + k + c)
+            # (N, o + k + c): True on the wrapper tokens and on each row's counts[i] hint ids
             real = torch.arange(rows.shape[1], device=dev) < opening.shape[1] + counts[:, None]
-            real[:, -closing.shape[1] :] = True  # (N, o + k + c)
-            # One E' lookup for all pairs: the backward of every lookup writes a dense (V, D) gradient.
+            real[:, -closing.shape[1] :] = True
+            # One E' lookup for all pairs: each lookup's backward writes a dense (V, D) gradient.
             x = self.embed_hint_ids(llm, rows[real])  # (sum h_i, D)
             lengths = real.sum(1).tolist()
-        else:  # keys/values: the passage's tokens only (the official code used its whole template row)
+        else:
+            # keys/values: the passage's tokens only (the official code used its whole template row)
             q_ids, _ = pad_ids(queries, dev)  # (N, Lq)
             p_ids, p_mask = pad_ids(passages, dev)  # (N, Ld)
-            keys = llm.tok_embeddings(p_ids).float()  # (N, Ld, D) frozen E
-            attended, _ = self.attention(
-                self.embed_hint_ids(llm, q_ids),
-                keys,
-                keys,  # (N, Lq, D)
-                key_padding_mask=~p_mask,
-                need_weights=False,
-            )
+            kv = llm.tok_embeddings(p_ids).float()  # (N, Ld, D) frozen E(passage)
+            qx = self.embed_hint_ids(llm, q_ids)  # (N, Lq, D) E'(query)
+            # (N, Lq, D): one vector per query position; padded passage tokens are masked out
+            attended, _ = self.attention(qx, kv, kv, key_padding_mask=~p_mask, need_weights=False)
             opening = self.embed_hint_ids(llm, torch.tensor(template.hints_open, device=dev))
             closing = self.embed_hint_ids(llm, torch.tensor(template.hints_close, device=dev))
             # one vector per real query token, between E'("hints: ") and E'("\n")
@@ -226,7 +213,7 @@ class Reranker(nn.Module):
             ]
             lengths = [len(b) for b in blocks]
             x = torch.cat(blocks)  # (sum h_i, D)
-        h = x + self.mlp(x) if self.cfg.residual_mlp else self.mlp(x)
+        h = x + self.mlp(x) if self.cfg.residual_mlp else self.mlp(x)  # (sum h_i, D)
         return list(h.split(lengths))
 
 
@@ -247,19 +234,14 @@ def select_top_k(reranker, llm, queries, passages, k):
     p_ids, p_mask = pad_ids(passages, dev)  # (N, Ld)
     q = F.normalize(reranker.embed_hint_ids(llm, q_ids), dim=-1)  # (N, Lq, D)
     p = F.normalize(llm.tok_embeddings(p_ids).float(), dim=-1)  # (N, Ld, D)
-    similarity = (q @ p.transpose(1, 2)).masked_fill(~q_mask[:, :, None], -torch.inf)  # (N, Lq, Ld)
-    best = (
-        similarity.max(dim=1).values if q_ids.shape[1] else torch.zeros_like(p_ids, dtype=q.dtype)
-    )
+    cos = (q @ p.transpose(1, 2)).masked_fill(~q_mask[:, :, None], -torch.inf)  # (N, Lq, Ld)
+    best = cos.max(dim=1).values if q_ids.shape[1] else torch.zeros_like(p_ids, dtype=q.dtype)
     best = best.clamp(min=-1.0)  # (N, Ld) an empty query: -1
     repeated = (p_ids[:, :, None] == p_ids[:, None, :]).tril(-1).any(-1)  # (N, Ld): id seen earlier
     candidate = p_mask & ~repeated  # (N, Ld): first occurrences
-    order = torch.sort(
-        best.masked_fill(~candidate, -2.0),
-        dim=1,
-        descending=True,  # stable: earlier
-        stable=True,
-    ).indices[:, :k]  # (N, k') position first
+    score = best.masked_fill(~candidate, -2.0)  # (N, Ld): other positions below every cosine
+    # stable sort: of equal scores the earlier position comes first
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # (N, k')
     return p_ids.gather(1, order), candidate.sum(1).clamp(max=k)
 
 
@@ -271,9 +253,7 @@ def pad_ids(lists, device, pad=0):
     return ids, mask
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring: mean log-probability of query + eos, with passage keys/values computed once
-# ---------------------------------------------------------------------------------------------
+# ---- Scoring: mean log-probability of query + eos, with passage keys/values computed once ---
 def embed_head(llm, template, reranker):
     """Input embeddings (S_head, D) of the head, with the trainable soft prompt in P's place after
     bos for the `prompt` method."""
@@ -281,7 +261,7 @@ def embed_head(llm, template, reranker):
     if reranker is None or reranker.cfg.method != "prompt":
         return head
     b, P = len(template.bos), len(template.prompt)
-    return torch.cat([head[:b], reranker.soft_prompt.to(head.dtype), head[b + P :]])
+    return torch.cat([head[:b], reranker.soft_prompt.to(head.dtype), head[b + P :]])  # (S_head, D)
 
 
 def encode_prefixes(llm, template, reranker, passages):
@@ -293,17 +273,14 @@ def encode_prefixes(llm, template, reranker, passages):
     dev = llm.tok_embeddings.weight.device
     head = embed_head(llm, template, reranker)[None]  # (1, S_head, D)
     S_head = head.shape[1]
-    _, head_kv = llm.hidden(
-        head, torch.arange(S_head, device=dev)[None]
-    )  # (1, Hkv, S_head, hd) per layer
+    # the head's keys/values, per layer (1, Hkv, S_head, hd)
+    _, head_kv = llm.hidden(head, torch.arange(S_head, device=dev)[None])
     ids, mask = pad_ids([p + template.passage_close for p in passages], dev)  # (Np, T)
-    positions = S_head + torch.arange(ids.shape[1], device=dev).expand(len(passages), -1)
-    _, past = llm.hidden(
-        llm.tok_embeddings(ids), positions, mask, head_kv
-    )  # (Np, Hkv, S_head + T, hd) per layer
-    past_mask = torch.cat(
-        [torch.ones(len(passages), S_head, dtype=torch.bool, device=dev), mask], dim=1
-    )
+    positions = S_head + torch.arange(ids.shape[1], device=dev).expand(len(passages), -1)  # (Np, T)
+    # every passage attends to the one head: per layer (Np, Hkv, S_head + T, hd)
+    _, past = llm.hidden(llm.tok_embeddings(ids), positions, mask, head_kv)
+    head_mask = torch.ones(len(passages), S_head, dtype=torch.bool, device=dev)
+    past_mask = torch.cat([head_mask, mask], dim=1)  # (Np, S_head + T)
     return past, past_mask, past_mask.sum(1)
 
 
@@ -312,63 +289,57 @@ def score_pairs(llm, template, reranker, prefix, rows, queries, passages):
     cached `prefix`. queries/passages: id lists per pair. Returns (N,) float32."""
     past, past_mask, past_len = prefix
     dev = llm.tok_embeddings.weight.device
-    rows = torch.tensor(rows, device=dev)
-    hints = (
-        reranker.hint_block(llm, template, queries, passages)
-        if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a")
-        else [None] * len(queries)
-    )
+    rows = torch.tensor(rows, device=dev)  # (N,)
+    hints = [None] * len(queries)  # zeroshot and prompt: no H
+    if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a"):
+        hints = reranker.hint_block(llm, template, queries, passages)  # (h_i, D) each
     dtype = llm.tok_embeddings.weight.dtype
     suffixes, targets, first_target = [], [], []
     for hint, q in zip(hints, queries):
         text = llm.tok_embeddings(torch.tensor(template.question + q + [template.eos], device=dev))
         pieces = [text] if hint is None else [hint.to(dtype), text]
         suffixes.append(torch.cat(pieces))  # (T_i, D)
-        first_target.append(
-            sum(len(x) for x in pieces) - len(q) - 1
-        )  # index of the first query token
+        # index of the first query token: H and "Question: \n" come before it
+        first_target.append(sum(len(x) for x in pieces) - len(q) - 1)
         targets.append(q + [template.eos])
     x = nn.utils.rnn.pad_sequence(suffixes, batch_first=True)  # (N, T, D)
-    lengths = torch.tensor([len(s) for s in suffixes], device=dev)
+    lengths = torch.tensor([len(s) for s in suffixes], device=dev)  # (N,)
     mask = torch.arange(x.shape[1], device=dev) < lengths[:, None]  # (N, T): real suffix tokens
-    positions = past_len[rows, None] + torch.arange(
-        x.shape[1], device=dev
-    )  # (N, T): continue after the prefix
-    past_rows = [(k[rows], v[rows]) for k, v in past]
+    # (N, T): each suffix continues after its own prefix
+    positions = past_len[rows, None] + torch.arange(x.shape[1], device=dev)
+    past_rows = [(k[rows], v[rows]) for k, v in past]  # per layer (N, Hkv, S, hd)
     h, _ = llm.hidden(x, positions, mask, past_rows, past_mask[rows])  # (N, T, D)
-    # Logits only where a target is predicted: position t predicts token t+1.
-    pair = torch.cat([torch.full((len(t),), i, device=dev) for i, t in enumerate(targets)])
+    # Logits only where a target is predicted: position t predicts token t+1. For the M targets
+    # of all pairs: pair[m] is target m's pair, where[m] the position that predicts it.
+    pair = torch.cat([torch.full((len(t),), i, device=dev) for i, t in enumerate(targets)])  # (M,)
     where = torch.cat(
         [torch.arange(len(t), device=dev) + s - 1 for t, s in zip(targets, first_target)]
     )
-    target = torch.tensor([tok for t in targets for tok in t], device=dev)
+    target = torch.tensor([tok for t in targets for tok in t], device=dev)  # (M,)
     logprob = target_logprobs(llm, h[pair, where], target)  # (M,)
-    sums = torch.zeros(len(targets), device=dev).index_add(0, pair, logprob)
+    sums = torch.zeros(len(targets), device=dev).index_add(0, pair, logprob)  # (N,)
     return sums / torch.tensor([len(t) for t in targets], device=dev)
 
 
 def target_logprobs(llm, h, target, rows=128):
     """log p(target[i] | h[i]) for hidden states h (M, D): float32 logits and logsumexp, 128 rows
-    at a time, so that each (rows, vocab) float32 block (25 MB for SmolLM2) is reused from the heap
-    and stays in cache; all M rows at once took 80 ms against 45 ms for M = 372 on the 2-core CPU."""
+    at a time, so that each (rows, V) float32 block (25 MB for SmolLM2) is reused from the heap
+    and stays in cache, where all M rows at once would not."""
     out = []
     for start in range(0, len(h), rows):
         logits = llm.logits(h[start : start + rows])  # (rows, V) float32
-        out.append(
-            logits.gather(1, target[start : start + rows, None])[:, 0] - logits.logsumexp(-1)
-        )
+        picked = logits.gather(1, target[start : start + rows, None])[:, 0]  # (rows,)
+        out.append(picked - logits.logsumexp(-1))
     return torch.cat(out)  # (M,)
 
 
-# ---------------------------------------------------------------------------------------------
-# Saved modules
-# ---------------------------------------------------------------------------------------------
+# ---- Saved modules --------------------------------------------------------------------------
 def trainable_state(reranker):
     return {k: v for k, v in reranker.named_parameters() if v.requires_grad}
 
 
 def atomic_save(write, path):
-    """Write to a temporary file beside `path`, then rename: an interruption never leaves half a file."""
+    """Write a temporary file beside `path`, then rename: no interruption leaves half a file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         write(tmp)
@@ -408,13 +379,8 @@ def save_adapter(reranker, folder, llm, extra):
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.contiguous() for k, v in trainable_state(reranker).items()}
     atomic_save(lambda f: save_file(weights, f), folder / ADAPTER_WEIGHTS)
-    config = {
-        "qpeft_method": reranker.cfg.method,
-        "qpeft": asdict(reranker.cfg),
-        "base_model_name_or_path": llm.name,
-        "base_model_sha256": llm.sha256,
-        **extra,
-    }
+    base = {"base_model_name_or_path": llm.name, "base_model_sha256": llm.sha256}
+    config = {"qpeft_method": reranker.cfg.method, "qpeft": asdict(reranker.cfg), **base, **extra}
     atomic_save(lambda f: Path(f).write_text(json.dumps(config, indent=1)), folder / ADAPTER_CONFIG)
 
 
@@ -429,22 +395,15 @@ def load_adapter(folder, llm, template_for, any_base_model=False):
         )
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{config_file}: missing (an adapter is a folder with {ADAPTER_CONFIG}"
-            f" and {ADAPTER_WEIGHTS})"
-        )
+        files = f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+        raise FileNotFoundError(f"{config_file}: missing (an adapter is a folder with {files})")
     try:
         config = json.loads(config_file.read_text())
         cfg = QPEFTConfig(**config["qpeft"])
         base, base_sha = config["base_model_name_or_path"], config["base_model_sha256"]
-    except (
-        json.JSONDecodeError,
-        KeyError,
-        TypeError,
-    ) as e:  # TypeError: an unknown or missing field
-        raise ValueError(
-            f"{config_file}: not an adapter config ({type(e).__name__}: {e})"
-        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: unknown or missing field
+        error = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{config_file}: not an adapter config ({error})") from None
     if base_sha != llm.sha256 and not any_base_model:
         raise ValueError(
             f"{folder}: trained on {base} (sha256 {base_sha[:12]}), not on {llm.name} "
@@ -462,9 +421,7 @@ def load_adapter(folder, llm, template_for, any_base_model=False):
     return reranker.eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# Reranking
-# ---------------------------------------------------------------------------------------------
+# ---- Reranking ------------------------------------------------------------------------------
 @torch.no_grad()
 def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, prefixes=None):
     """Scores {method: {qid: {docid: score}}} for every (query, candidate) pair. Passages are
@@ -472,7 +429,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
     shared by every method with the frozen instruction and by every query that has the passage.
     `prefixes`, a dict, keeps those keys/values for the next call on the same candidates (a
     training run's dev checks: the frozen prefix does not change). desc None: no progress bar."""
-    pairs_of = {}
+    pairs_of = {}  # docid -> the qids that have it
     for qid, docids in candidates.items():
         for d in docids:
             pairs_of.setdefault(d, []).append(qid)
@@ -494,29 +451,20 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
         if prefixes is not None:
             prefixes[b] = shared
         shared_seconds += time.perf_counter() - start
+        # (passage row, qid) of every pair in the batch; every method scores them in this order
         pairs = [(row, qid) for row, i in enumerate(batch) for qid in pairs_of[docids[i]]]
-        keys += [
-            (qid, docids[batch[row]]) for row, qid in pairs
-        ]  # every method scores them in this order
+        keys += [(qid, docids[batch[row]]) for row, qid in pairs]
         for method, reranker in rerankers.items():
             start = time.perf_counter()
             own_prompt = reranker.cfg.method == "prompt"
             prefix = encode_prefixes(llm, template, reranker, passages) if own_prompt else shared
-            for chunk in range(
-                0, len(pairs), len(batch)
-            ):  # suffix batches no larger than the passage batch
+            # suffix batches no larger than the passage batch
+            for chunk in range(0, len(pairs), len(batch)):
                 part = pairs[chunk : chunk + len(batch)]
-                values[method].append(
-                    score_pairs(
-                        llm,
-                        template,
-                        reranker,
-                        prefix,
-                        [r for r, _ in part],
-                        [tokens.queries[q] for _, q in part],
-                        [passages[r] for r, _ in part],
-                    )
-                )
+                rows, queries = [r for r, _ in part], [tokens.queries[q] for _, q in part]
+                pair_passages = [passages[r] for r in rows]
+                scored = score_pairs(llm, template, reranker, prefix, rows, queries, pair_passages)
+                values[method].append(scored)  # (len(part),)
             seconds[method] += time.perf_counter() - start
     scores = {m: {} for m in rerankers}
     for method in rerankers:  # one host read per method; then every process gets every score
@@ -533,9 +481,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
     return scores, timing
 
 
-# ---------------------------------------------------------------------------------------------
-# Python API: the calls the command line makes too (rerank, load_adapter, train.fit)
-# ---------------------------------------------------------------------------------------------
+# ---- Python API: the calls the command line makes too (rerank, load_adapter, train.fit) -----
 class Ranker:
     """A frozen LLM with one reranker, zero-shot or a trained adapter, for your own code:
 
@@ -545,29 +491,18 @@ class Ranker:
 
     def __init__(self, llm, tokenizer, reranker, token_budget=4096):
         self.llm, self.tokenizer, self.reranker = llm, tokenizer, reranker
-        self.template, self.token_budget = (
-            Template(tokenizer, reranker.cfg.instruction),
-            token_budget,
-        )
+        self.template = Template(tokenizer, reranker.cfg.instruction)
+        self.token_budget = token_budget
 
     def rerank(self, queries, candidates, corpus):
         """{qid: {docid: score}} for queries {qid: text}, candidates {qid: [docid]} and corpus
         {docid: text}; each passage's keys/values are computed once for every query that meets it.
         Scores are mean log-probabilities of the query: higher is better."""
-        tokens = tokenize(
-            self.tokenizer,
-            self.reranker.cfg,
-            queries,
-            {d: corpus[d] for docs in candidates.values() for d in docs},
-        )
+        passages = {d: corpus[d] for docs in candidates.values() for d in docs}
+        tokens = tokenize(self.tokenizer, self.reranker.cfg, queries, passages)
+        rerankers = {"ranker": self.reranker}
         scores, _ = rerank(
-            self.llm,
-            self.template,
-            {"ranker": self.reranker},
-            candidates,
-            tokens,
-            self.token_budget,
-            None,
+            self.llm, self.template, rerankers, candidates, tokens, self.token_budget, None
         )
         return {q: scores["ranker"].get(q, {}) for q in candidates}
 
@@ -578,7 +513,7 @@ class Ranker:
         return [scores[i] for i in ids]
 
     def rank(self, query, passages, ids=None, top_k=None):
-        """[(id, score)] best first (ids default to the passages' positions), the top_k first only."""
+        """[(id, score)] best first (ids default to the passages' positions), top_k first only."""
         ids = list(range(len(passages))) if ids is None else list(ids)
         ranked = sorted(zip(ids, self.score(query, passages)), key=lambda pair: -pair[1])
         return ranked[:top_k] if top_k else ranked
@@ -627,27 +562,18 @@ def tokenize(tokenizer, cfg, queries, passages, log=None):
     """TokenIds of {qid: text} and {docid: text}, cut to the module's limits; a passage is
     tokenised with its leading space (the template ends with "Passage:")."""
     texts = {d: " " + text for d, text in passages.items()}
-    return TokenIds(
-        passages=cut_to(
-            data.tokenize_texts(tokenizer, texts), cfg.max_passage_tokens, "passages", log
-        ),
-        queries=cut_to(
-            data.tokenize_texts(tokenizer, queries), cfg.max_query_tokens, "queries", log
-        ),
-    )
+    p_ids = cut_to(data.tokenize_texts(tokenizer, texts), cfg.max_passage_tokens, "passages", log)
+    q_ids = cut_to(data.tokenize_texts(tokenizer, queries), cfg.max_query_tokens, "queries", log)
+    return TokenIds(passages=p_ids, queries=q_ids)
 
 
-# ---------------------------------------------------------------------------------------------
-# Token limits
-# ---------------------------------------------------------------------------------------------
+# ---- Token limits ---------------------------------------------------------------------------
 def cut_to(ids, limit, what="", log=None):
     """Token ids cut to `limit` (keeping the start), and a log line saying how many were cut."""
     cuts = [len(v) - limit for v in ids.values() if len(v) > limit]
     if cuts and log:
-        log(
-            f"{what}: {len(cuts)} of {len(ids)} cut to {limit} tokens, by {statistics.fmean(cuts):.1f} "
-            f"tokens on average"
-        )
+        cut, mean = f"{len(cuts)} of {len(ids)} cut to {limit} tokens", statistics.fmean(cuts)
+        log(f"{what}: {cut}, by {mean:.1f} tokens on average")
     return {k: v[:limit] for k, v in ids.items()}
 
 
@@ -657,13 +583,8 @@ def check_positions(llm, template, tokens, cfg):
         return
     qid, query = max(tokens.queries.items(), key=lambda item: len(item[1]))
     hints = len(template.hints_open) + len(template.hints_close) + max(len(query), cfg.top_k)
-    longest = (
-        len(template.prefix(max(tokens.passages.values(), key=len, default=[])))
-        + hints
-        + len(template.question)
-        + len(query)
-        + 1
-    )
+    passage = max(tokens.passages.values(), key=len, default=[])
+    longest = len(template.prefix(passage)) + hints + len(template.question) + len(query) + 1  # eos
     if longest > llm.cfg.max_positions:
         raise ValueError(
             f"query {qid!r}: its longest sequence has {longest} tokens, more than the model's "

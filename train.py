@@ -40,9 +40,7 @@ from qpeft import (
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps, one per batch (the official code stepped per 2 pairs)
-    queries_per_batch: int = (
-        4  # paper: 4; negatives: the batch's other positives and all its hard negatives
-    )
+    queries_per_batch: int = 4  # paper: 4 (negatives: the batch's other positives + hard negatives)
     lr: float = 1e-2  # paper: 3e-2 (AdamW)
     weight_decay: float = 0.01  # paper: 0.01; never on E' (see train)
     margin: float = 0.0  # hinge margin on mean NLL (paper: 0.0-1.1)
@@ -53,9 +51,7 @@ class TrainConfig:
     seed: int = 0
 
 
-# ---------------------------------------------------------------------------------------------
-# The loss (method.md §5): a pointwise query likelihood term and a hinge over pairs
-# ---------------------------------------------------------------------------------------------
+# ---- The loss (method.md §5): a pointwise query likelihood term and a hinge over pairs ------
 def batch_pairs(batch):
     """(query index, docid, kind) for a batch of TrainExamples, kind "positive", "hard" (the query's
     own hard negative) or "in-batch": each query meets its positive and, as negatives, the other
@@ -82,13 +78,13 @@ def ranking_loss(scores, pairs, margin, counts=None):
     nll = -scores  # (N,)
     kind = [k for _, _, k in pairs]
     counts = counts or batch_counts(pairs)
-    is_pos = torch.tensor([k == "positive" for k in kind], device=nll.device)
-    query = torch.tensor([i for i, _, _ in pairs], device=nll.device)
-    nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=nll.device)
+    is_pos = torch.tensor([k == "positive" for k in kind], device=nll.device)  # (N,)
+    query = torch.tensor([i for i, _, _ in pairs], device=nll.device)  # (N,) each pair's query
+    nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=nll.device)  # (B,)
     nll_pos = nll_pos.index_copy(0, query[is_pos], nll[is_pos])  # (B,) 0 for others'
     gap = nll_pos[query[~is_pos]] - nll[~is_pos]  # (N - B,) > 0: wrong order
-    hinge = F.relu(gap + margin)
-    hard = torch.tensor([k == "hard" for k in kind], device=nll.device)[~is_pos]
+    hinge = F.relu(gap + margin)  # (N - B,)
+    hard = torch.tensor([k == "hard" for k in kind], device=nll.device)[~is_pos]  # (N - B,)
     queries, negatives, hard_pairs = counts
     terms = {
         "pointwise": nll_pos.sum() / queries,
@@ -115,27 +111,18 @@ def batch_loss(llm, template, reranker, batch, tokens, margin, share=(0, 1)):
     pairs = [p for p in pairs if p[0] % share[1] == share[0]]
     if not pairs:  # more processes than queries: a zero loss that still reaches every parameter
         device = llm.tok_embeddings.weight.device
-        zero = (
-            sum(
-                (p.sum() for p in reranker.parameters() if p.requires_grad),
-                torch.zeros((), device=device),
-            )
-            * 0.0
-        )
+        trainable = (p.sum() for p in reranker.parameters() if p.requires_grad)
+        zero = sum(trainable, torch.zeros((), device=device)) * 0.0  # ()
         return zero, {k: zero.detach() for k in ("pointwise", "hinge", "active", "accuracy")}
     docids = sorted({d for _, d, _ in pairs})
     row = {d: i for i, d in enumerate(docids)}
+    # each distinct passage once; gradients only reach the prefix through the soft prompt
     with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.cfg.method == "prompt"):
         prefix = encode_prefixes(llm, template, reranker, [tokens.passages[d] for d in docids])
-    scores = score_pairs(
-        llm,
-        template,
-        reranker,
-        prefix,
-        [row[d] for _, d, _ in pairs],
-        [tokens.queries[batch[i].qid] for i, _, _ in pairs],
-        [tokens.passages[d] for _, d, _ in pairs],
-    )
+    rows = [row[d] for _, d, _ in pairs]
+    queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs]
+    passages = [tokens.passages[d] for _, d, _ in pairs]
+    scores = score_pairs(llm, template, reranker, prefix, rows, queries, passages)  # (N,)
     return ranking_loss(scores, pairs, margin, counts)
 
 
@@ -185,15 +172,9 @@ def dev_check(llm, template, reranker, dev, margin, tokens, token_budget=4096):
     shares = gather(record)
     record = {name: sum(share[name] for share in shares) for name in record}
     # the frozen prefix's keys/values do not change with training; the soft prompt's do
+    cached = dev.prefixes if reranker.cfg.method != "prompt" else None
     scores, _ = rerank(
-        llm,
-        template,
-        {"m": reranker},
-        dev.candidates,
-        tokens,
-        token_budget,
-        None,
-        dev.prefixes if reranker.cfg.method != "prompt" else None,
+        llm, template, {"m": reranker}, dev.candidates, tokens, token_budget, None, cached
     )
     per_query = evaluate_run(with_tail(scores["m"], dev.first_stage), dev.qrels, dev.level)
     record.update(ir.summarize(per_query))
@@ -204,7 +185,8 @@ def dev_line(record):
     return (
         f"dev loss {record['dev_loss']:.4f} (pointwise {record['pointwise']:.4f}, hinge "
         f"{record['hinge']:.4f}, active hinges {record['active']:.2f}), pairwise accuracy "
-        f"{record['accuracy']:.3f}, nDCG@10 {record['ndcg_cut_10']:.4f}, HR@5 {record['success_5']:.4f}"
+        f"{record['accuracy']:.3f}, nDCG@10 {record['ndcg_cut_10']:.4f}, "
+        f"HR@5 {record['success_5']:.4f}"
     )
 
 
@@ -220,24 +202,12 @@ def train(
     name = name or method
     # No weight decay on E': AdamW's decay would shrink all of its ~49k rows at every step, while a
     # batch's gradient reaches only the few dozen rows of its hint and query tokens.
-    decayed = [
-        p
-        for n, p in reranker.named_parameters()
-        if p.requires_grad and n != "hint_embeddings.weight"
-    ]
-    groups = [
-        {"params": decayed},
-        {
-            "params": [
-                p
-                for n, p in reranker.named_parameters()
-                if p.requires_grad and n == "hint_embeddings.weight"
-            ],
-            "weight_decay": 0.0,
-        },
-    ]
-    # fused: one kernel over all parameters. E' alone is 28M fp32 values updated every step (its
-    # gradient is dense); the default per-tensor loop took 123 ms a step on 2 cores, fused 15 ms.
+    trainable = [(n, p) for n, p in reranker.named_parameters() if p.requires_grad]
+    decayed = [p for n, p in trainable if n != "hint_embeddings.weight"]
+    embeddings = [p for n, p in trainable if n == "hint_embeddings.weight"]
+    groups = [{"params": decayed}, {"params": embeddings, "weight_decay": 0.0}]
+    # fused: one kernel over all parameters instead of a loop over tensors; E' alone is 28M fp32
+    # values updated at every step (its gradient is dense).
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=tc.lr, weight_decay=tc.weight_decay, fused=True
     )
@@ -268,23 +238,18 @@ def train(
         }
         log(f"{name}: step 0 (untrained) {dev_line(record)}")
     per_epoch = max(1, len(train_examples) // tc.queries_per_batch)
+    steps = range(state["step"], tc.steps)
     bar = tqdm(
-        range(state["step"], tc.steps),
-        desc=f"train {name}",
-        initial=state["step"],
-        total=tc.steps,
-        disable=rank() > 0,
+        steps, desc=f"train {name}", initial=state["step"], total=tc.steps, disable=rank() > 0
     )
     for step in bar:
         if state["bad_checks"] >= tc.patience:
-            log(
-                f"{name}: early stop at step {step} (no dev {SELECT_ON} gain in {tc.patience} checks)"
-            )
+            gain = f"no dev {SELECT_ON} gain in {tc.patience} checks"
+            log(f"{name}: early stop at step {step} ({gain})")
             break
         epoch, index = divmod(step, per_epoch)
-        if (
-            index == 0 or step == state["step"]
-        ):  # a new shuffle each epoch, the same for the same seed
+        # a new shuffle each epoch (and at the first step of a resumed run), the same for the seed
+        if index == 0 or step == state["step"]:
             epoch_batches = data.train_batches(
                 train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch
             )
@@ -300,14 +265,8 @@ def train(
         bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
             record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
-            state["history"].append(
-                {
-                    "step": step + 1,
-                    "train_loss": round(loss, 6),
-                    "train_active": round(active, 4),
-                    **record,
-                }
-            )
+            train_record = {"train_loss": round(loss, 6), "train_active": round(active, 4)}
+            state["history"].append({"step": step + 1, **train_record, **record})
             improved = record[SELECT_ON] > state["best_dev"][SELECT_ON]
             log(
                 f"{name}: step {step + 1} train loss {loss:.4f}, {dev_line(record)}"
@@ -429,9 +388,8 @@ def training_inputs(dataset, extra_train, tc, seeds, train_queries=0):
         )
     examples = {}
     for seed in seeds:
-        examples[seed] = data.training_examples(train_set, "train", seed=seed)[
-            : train_queries or None
-        ]
+        drawn = data.training_examples(train_set, "train", seed=seed)
+        examples[seed] = drawn[: train_queries or None]  # the first train_queries (0: all)
         if not examples[seed]:
             raise ValueError(
                 f"{train_set.name}: the train split has no query with a positive and "
@@ -452,7 +410,7 @@ def fit(
     llm, template_for, cfg, tc, examples, dev, tokens, out, log, name, resume=False, extra=None
 ):
     """One trained module and its training record: trained (or, with `resume` and a finished
-    adapter in out/name, reloaded) and saved as the adapter folder out/name (out None: not saved)."""
+    adapter in out/name, reloaded) and saved as the adapter folder out/name (out None: unsaved)."""
     folder = out / name if out else None
     if resume and folder and (folder / ADAPTER_CONFIG).exists():
         reranker = load_adapter(folder, llm, template_for)
@@ -461,26 +419,16 @@ def fit(
                 f"{folder} was trained with other settings ({asdict(reranker.cfg)}); "
                 f"rerun with the same flags or without --resume"
             )
-        log(
-            f"{name}: reusing trained adapter {folder} (training flags such as --steps are ignored)"
-        )
+        ignored = "training flags such as --steps are ignored"
+        log(f"{name}: reusing trained adapter {folder} ({ignored})")
         return reranker, None
     torch.manual_seed(tc.seed)  # a method's initial weights do not depend on which ran before
     reranker = Reranker(cfg, llm, template_for(cfg))
     log(f"{name}: {reranker.trainable_parameters():,} trainable parameters (fp32), seed {tc.seed}")
     start = time.perf_counter()
+    template = template_for(cfg)
     reranker, state = train(
-        llm,
-        template_for(cfg),
-        reranker,
-        examples,
-        dev,
-        tokens,
-        tc,
-        out,
-        log,
-        resume=resume,
-        name=name,
+        llm, template, reranker, examples, dev, tokens, tc, out, log, resume=resume, name=name
     )
     record = {
         "seconds": round(time.perf_counter() - start, 1),
@@ -493,17 +441,8 @@ def fit(
         "history": state["history"],
     }
     if folder and rank() == 0:
-        save_adapter(
-            reranker,
-            folder,
-            llm,
-            {
-                "train": asdict(tc),
-                "training": record,
-                "qpeft_commit": qpeft_commit(),
-                **(extra or {}),
-            },
-        )
+        meta = {"train": asdict(tc), "training": record, "qpeft_commit": qpeft_commit()}
+        save_adapter(reranker, folder, llm, {**meta, **(extra or {})})
         for suffix in ("json", "safetensors"):
             (out / f"{name}.resume.{suffix}").unlink(missing_ok=True)
     return reranker, record
@@ -529,18 +468,9 @@ def train_adapter(llm, tokenizer, method, data_name, out, log, **settings):
     out = Path(out) if out is not None else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
+    names = {"data": dataset.name, "train_data": [d.name for d in extra]}
     reranker, _ = fit(
-        llm,
-        template_for,
-        cfg,
-        tc,
-        examples[tc.seed],
-        dev,
-        tokens,
-        out,
-        log,
-        method,
-        extra={"data": dataset.name, "train_data": [d.name for d in extra]},
+        llm, template_for, cfg, tc, examples[tc.seed], dev, tokens, out, log, method, extra=names
     )
     return Ranker(llm, tokenizer, reranker)
 
@@ -582,7 +512,7 @@ MEASURES = ["ndcg_cut_10", "recall_10", "recall_20", "success_1", "success_5", "
 
 
 def evaluate_run(run, qrels, level):
-    """Per-query values of MEASURES and MRR@10 (= recip_rank on the top 10: trec_eval's has no cutoff)."""
+    """Per-query MEASURES and MRR@10 (recip_rank on the top 10: trec_eval's has no cutoff)."""
     per_query = ir.evaluate(qrels, run, MEASURES, relevance_level=level)
     mrr = ir.evaluate(qrels, ir.cut_run(run, 10), ["recip_rank"], relevance_level=level)
     for qid in per_query:
