@@ -248,7 +248,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, capsys, case, prep
 
 
 def test_odd_but_valid_input_gives_counted_warnings_and_n_a(tiny_dir, tmp_path):
-    """An empty query is skipped with a counted warning; one test query left: p is n/a, all else written."""
+    """An empty query is skipped with a counted warning; with one test query left, p is n/a and
+    everything else is written."""
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
     edit(data_dir / "queries.jsonl", lambda s: s.replace('"do plants need water"', '" "'))
     out = tmp_path / "out"

@@ -42,8 +42,8 @@ INSTRUCTION = QPEFTConfig().instruction
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The tiny model's matrices are far too small to split between threads: on a busy 2-core machine
-    a (42 x 32) @ (32 x 64) matmul took 16 ms with two threads and 0.01 ms with one."""
+    """The tiny model's matrices are far too small to split between threads: on a busy machine,
+    handing a (42 x 32) @ (32 x 64) matmul to a second thread costs far more than the product."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -150,9 +150,8 @@ def naive_score(llm, template, reranker, query, passage):
                 + template.hints_close
             )
             pieces.append(reranker.mlp(reranker.embed_hint_ids(llm, torch.tensor(ids))))
-        if (
-            method == "qpeft-a"
-        ):  # H = MLP([E'("hints: "), attention(E'(query), E(passage)), E'("\n")]), no padding
+        if method == "qpeft-a":
+            # H = MLP([E'("hints: "), attention(E'(query), E(passage)), E'("\n")]), no padding
             keys = E(torch.tensor(passage))[None]
             attended, _ = reranker.attention(
                 reranker.embed_hint_ids(llm, torch.tensor(query))[None], keys, keys
@@ -190,9 +189,8 @@ PAIRS = [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0)]
 @pytest.mark.parametrize("method", ["zeroshot", "prompt", "qpeft-r", "qpeft-a"])
 def test_cached_scorer_equals_naive_full_sequence(tiny, method):
     llm, tokenizer, template = tiny
-    reranker = make_reranker(
-        method, llm, template, top_k=4
-    )  # " Tea." has 2 distinct tokens < k: shorter H
+    # top_k=4: " Tea." has 2 distinct tokens < k, so its H is shorter
+    reranker = make_reranker(method, llm, template, top_k=4)
     passages = [tokenizer.encode(p) for p in PASSAGES]  # 10, 20 and 2 tokens: padded prefixes
     queries = [tokenizer.encode(q) for q in QUERIES]  # 4, 10 and 2 tokens: padded suffixes
     with torch.no_grad():
@@ -215,14 +213,12 @@ def test_cached_scorer_equals_naive_full_sequence(tiny, method):
 
 
 def test_soft_prompt_gradient_through_the_shared_head_equals_naive(tiny):
-    """encode_prefixes runs the head (bos, P, "\\nPassage:") once for all passages; the soft prompt's
-    gradient must still collect every pair's share, as in one full pass per pair."""
+    """encode_prefixes runs the head (bos, P, "\\nPassage:") once for all passages; the soft
+    prompt's gradient must still collect every pair's share, as in one full pass per pair."""
     llm, tokenizer, template = tiny
     reranker = make_reranker("prompt", llm, template)
-    passages, queries = (
-        [tokenizer.encode(p) for p in PASSAGES],
-        [tokenizer.encode(q) for q in QUERIES],
-    )
+    passages = [tokenizer.encode(p) for p in PASSAGES]
+    queries = [tokenizer.encode(q) for q in QUERIES]
     fast = score_pairs(
         llm,
         template,
@@ -239,18 +235,15 @@ def test_soft_prompt_gradient_through_the_shared_head_equals_naive(tiny):
     (fast_grad,) = torch.autograd.grad((weights * fast).sum(), reranker.soft_prompt)
     (slow_grad,) = torch.autograd.grad((weights * slow).sum(), reranker.soft_prompt)
     assert slow_grad.abs().max() > 1e-3  # the soft prompt does matter to the scores
-    assert (fast_grad - slow_grad).abs().max() <= 1e-4 * slow_grad.abs().max(), (
-        (fast_grad - slow_grad).abs().max()
-    )
+    error = (fast_grad - slow_grad).abs().max()
+    assert error <= 1e-4 * slow_grad.abs().max(), error
 
 
 def test_zeroshot_needs_no_module(tiny):
     """reranker=None is plain zero-shot query likelihood, the same as the zeroshot method."""
     llm, tokenizer, template = tiny
-    passages, queries = (
-        [tokenizer.encode(p) for p in PASSAGES],
-        [tokenizer.encode(q) for q in QUERIES],
-    )
+    passages = [tokenizer.encode(p) for p in PASSAGES]
+    queries = [tokenizer.encode(q) for q in QUERIES]
     with torch.no_grad():
         args = ([0, 1, 2], queries, passages)
         plain = score_pairs(
@@ -274,10 +267,8 @@ def test_select_top_k_by_hand():
     # E' (query side) and E (passage side) are different tables on purpose: query id 0 is [1, 0, 0]
     # in E' but [0, 1, 0] in E; selecting with E(query) would put token 6 first.
     e_prime = torch.zeros(10, 3)
-    e_prime[0], e_prime[1] = (
-        torch.tensor([1.0, 0, 0]),
-        torch.tensor([0.0, 0, 1]),
-    )  # query tokens 0 and 1
+    e_prime[0] = torch.tensor([1.0, 0, 0])  # query token 0
+    e_prime[1] = torch.tensor([0.0, 0, 1])  # query token 1
     E = torch.zeros(10, 3)
     E[0] = torch.tensor([0.0, 1, 0])
     E[1] = torch.tensor([0.0, 0, 1])
@@ -290,13 +281,14 @@ def test_select_top_k_by_hand():
     reranker = SimpleNamespace(embed_hint_ids=lambda llm, ids: e_prime[ids])
     query = [0, 1]
     passage = [6, 5, 2, 7, 4, 5, 3, 2]  # position: 0 1 2 3 4 5 6 7; ids 2 and 5 occur twice
-    # best score per id: 2 -> 1.0, 3 -> 0.8, 5 -> 0.6 (first at position 1), 4 -> 0.6 (position 4), 6 -> 0, 7 -> -0.6
+    # best score per id: 2 -> 1.0, 3 -> 0.8, 5 -> 0.6 (first at position 1), 4 -> 0.6 (position 4),
+    # 6 -> 0, 7 -> -0.6
     # tie 5/4: the earlier position first, not the smaller id
     assert top_k(reranker, llm, query, passage, k=3) == [2, 3, 5]
     assert top_k(reranker, llm, query, passage, k=4) == [2, 3, 5, 4]
     # k above the 6 distinct passage ids: all of them, once each, no padding or resampling
     assert top_k(reranker, llm, query, passage, k=10) == [2, 3, 5, 4, 6, 7]
-    # only passage tokens are candidates: the query's own ids (cosine 1 with themselves) never appear
+    # only passage tokens are candidates: the query's own ids (cosine 1 with themselves) never show
     assert top_k(reranker, llm, query, [7, 6], k=5) == [6, 7]
     # the tie rule is about positions: with 4 before 5 in the passage, 4 comes first
     assert top_k(reranker, llm, query, [4, 5], k=2) == [4, 5]
@@ -320,17 +312,16 @@ def test_attention_hint_block_ignores_padding(tiny):
         )
     # one vector per query token, between E'("hints: ") and E'("\n")
     assert alone.shape == (len(template.hints_open) + len(short_q) + len(template.hints_close), 32)
-    assert (
-        batched[1] - alone
-    ).abs().max() <= 1e-5  # padded keys (passage) and padded queries are masked out
+    # padded keys (passage) and padded queries are masked out
+    assert (batched[1] - alone).abs().max() <= 1e-5
     # ... and the block does depend on the passage (the attention is not a no-op)
     assert (batched[2] - alone).abs().max() > 1e-3
 
 
 # ---- the loss on known numbers ---------------------------------------------------------------
 def test_batch_loss_by_hand(monkeypatch):
-    # Two queries: q1 (positive A, hard negative a), q2 (positive B, hard negative b). Token "ids" are
-    # just labels; score_pairs is replaced by a table of mean log-probs s, NLL = -s.
+    # Two queries: q1 (positive A, hard negative a), q2 (positive B, hard negative b). Token "ids"
+    # are just labels; score_pairs is replaced by a table of mean log-probs s, NLL = -s.
     tokens = TokenIds(
         queries={"q1": [1], "q2": [2]}, passages={"A": [10], "a": [11], "B": [20], "b": [21]}
     )
@@ -363,14 +354,13 @@ def test_batch_loss_by_hand(monkeypatch):
     # hinges relu(NLL+ - NLL- + 0.5): q1/B relu(1.0-1.6+.5)=0, q1/a relu(1.0-0.8+.5)=0.7, q1/b 0,
     #   q2/A relu(2.0-3.5+.5)=0, q2/a relu(2.0-1.7+.5)=0.8, q2/b relu(2.0-2.2+.5)=0.3 -> 1.8/6 = 0.3
     assert loss.item() == pytest.approx(1.8, abs=1e-6)
-    assert terms["pointwise"].item() == pytest.approx(1.5) and terms[
-        "hinge"
-    ].item() == pytest.approx(0.3)
+    assert terms["pointwise"].item() == pytest.approx(1.5)
+    assert terms["hinge"].item() == pytest.approx(0.3)
     assert terms["active"].item() == pytest.approx(3 / 6)
-    # own hard negatives: q1 ranks a (NLL 0.8) above A (1.0): wrong; q2 ranks B (2.0) above b (2.2): right
+    # own hard negatives: q1 puts a (NLL 0.8) above A (1.0), wrong; q2 B (2.0) above b (2.2), right
     assert terms["accuracy"].item() == pytest.approx(0.5)
-    # dL/ds: a positive gets -1/2 (mean NLL over 2 queries) - 1/6 per active hinge (mean over 6 negatives);
-    # a negative +1/6 when its hinge is active, else 0
+    # dL/ds: a positive gets -1/2 (mean NLL over 2 queries) - 1/6 per active hinge (mean over 6
+    # negatives); a negative +1/6 when its hinge is active, else 0
     loss.backward()
     grad = dict(zip(pairs[0], scored[0].grad.tolist()))
     expected = {
@@ -387,9 +377,9 @@ def test_batch_loss_by_hand(monkeypatch):
 
 
 def test_batch_pairs_counts_each_negative_once():
-    # q1's hard negative is q2's positive B, and q3 shares q1's positive A: B must be one negative of
-    # q1, not two, and A is a positive of q3 (never its own negative) and not a negative of q1 either.
-    # Every query also meets the other queries' hard negatives (b, c) as in-batch negatives.
+    # q1's hard negative is q2's positive B, and q3 shares q1's positive A: B must be one negative
+    # of q1, not two, and A is a positive of q3 (never its own negative) and not a negative of q1
+    # either. Every query also meets the other queries' hard negatives (b, c) as in-batch negatives.
     batch = [
         TrainExample("q1", "A", "B"),
         TrainExample("q2", "B", "b"),
@@ -455,10 +445,8 @@ def test_batch_loss_uses_the_right_prefix_rows(tiny):
 def test_trainable_parameter_counts_by_hand(tiny):
     llm, _, template = tiny
     D, V, P = 32, 49152, len(template.prompt)
-    mlp, attention = (
-        2 * (D * D + D),
-        4 * D * D + 4 * D,
-    )  # attention: in-proj (3D x D + 3D) + out-proj (D x D + D)
+    mlp = 2 * (D * D + D)
+    attention = 4 * D * D + 4 * D  # in-proj (3D x D + 3D) + out-proj (D x D + D)
     count = {
         m: Reranker(QPEFTConfig(method=m), llm, template).trainable_parameters()
         for m in qpeft.METHODS
@@ -500,7 +488,8 @@ def small_training_set(tokenizer):
 
 
 def dev_record(value):
-    """What dev_check returns, with `value` as the selection measure (the loss terms do not matter here)."""
+    """What dev_check returns, with `value` as the selection measure (the loss terms do not
+    matter here)."""
     return {
         "dev_loss": 1.0,
         "pointwise": 1.0,
@@ -524,9 +513,9 @@ def tiny_dev_set(dev_examples):
 
 
 def expected_gradient_rows(method, reranker, llm, template, batch, tokens):
-    """The E' rows one training batch reaches: the hint wrapper's ids and, for qpeft-a, the query tokens
-    (attention queries); for qpeft-r, the top-k passage tokens selected for each pair (not the query's,
-    which only rank candidates, without a gradient)."""
+    """The E' rows one training batch reaches: the hint wrapper's ids and, for qpeft-a, the query
+    tokens (attention queries); for qpeft-r, the top-k passage tokens selected for each pair (not
+    the query's, which only rank candidates, without a gradient)."""
     rows = set(template.hints_open + template.hints_close)
     for i, docid, _ in train.batch_pairs(batch):
         query = tokens.queries[batch[i].qid]
@@ -543,17 +532,17 @@ def expected_gradient_rows(method, reranker, llm, template, batch, tokens):
 def test_one_training_step_moves_exactly_what_has_a_gradient(
     tiny, tmp_path, monkeypatch, method, weight_decay
 ):
-    """After one step: the frozen LLM is bit-identical; the MLP, the attention and the soft prompt moved;
-    in E' exactly the rows of the batch's hint (and, for qpeft-a, query) tokens moved. With weight decay
-    0 a tensor moves only through its gradient; with decay, E' must still keep its other rows (no
-    decay on E')."""
+    """After one step: the frozen LLM is bit-identical; the MLP, the attention and the soft prompt
+    moved; in E' exactly the rows of the batch's hint (and, for qpeft-a, query) tokens moved. With
+    weight decay 0 a tensor moves only through its gradient; with decay, E' must still keep its
+    other rows (no decay on E')."""
     llm, tokenizer, template = tiny
     train_examples, dev_examples, tokens = small_training_set(tokenizer)
     llm_before = {k: v.clone() for k, v in llm.state_dict().items()}
     reranker = Reranker(QPEFTConfig(method=method, top_k=4), llm, template)
     module_before = {k: v.detach().clone() for k, v in qpeft.trainable_state(reranker).items()}
-    # margin 100: every hinge is active, so every pair's hint tokens get a gradient (with margin 0, a
-    # negative scored far below its positive passes none back)
+    # margin 100: every hinge is active, so every pair's hint tokens get a gradient (with margin 0,
+    # a negative scored far below its positive passes none back)
     tc = TrainConfig(
         steps=1, queries_per_batch=2, eval_every=1, weight_decay=weight_decay, margin=100.0
     )
@@ -593,7 +582,8 @@ def test_one_training_step_moves_exactly_what_has_a_gradient(
 
 
 def test_training_keeps_the_module_of_the_best_dev_check(tiny, tmp_path, monkeypatch):
-    """Selection by hand: dev values 0.5 (untrained), 0.9, 0.2, 0.3 at steps 0-3 keep step 1's weights."""
+    """Selection by hand: dev values 0.5 (untrained), 0.9, 0.2, 0.3 at steps 0-3 keep the
+    weights of step 1."""
     llm, tokenizer, template = tiny
     train_examples, dev_examples, tokens = small_training_set(tokenizer)
     reranker = Reranker(QPEFTConfig(method="qpeft-a"), llm, template)
@@ -649,15 +639,14 @@ def test_dev_check_runs_without_dropout(tiny):
     reranker.train()
     first = train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens)
     reranker.train()
-    assert (
-        train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens) == first
-    )
+    again = train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens)
+    assert again == first
     assert not reranker.training
 
 
 @pytest.mark.parametrize("method", ["qpeft-r", "qpeft-a"])
 def test_hint_block_is_mlp_of_linear_relu_linear(tiny, method):
-    """H = W2 relu(W1 x + b1) + b2 on every hint vector x, checked on the wrapper tokens E'("hints: ")."""
+    """H = W2 relu(W1 x + b1) + b2 on every hint vector x, checked on the wrapper E'("hints: ")."""
     llm, tokenizer, template = tiny
     reranker = make_reranker(method, llm, template, top_k=3)
     query, passage = tokenizer.encode(QUERIES[0]), tokenizer.encode(PASSAGES[0])
@@ -684,9 +673,8 @@ def test_save_and_load_adapter_scores_identically(tiny_dir, tiny, tmp_path, meth
     )
     assert config["base_model_name_or_path"] == "tiny-llama"
     assert config["base_model_sha256"] == qpeft.model_fingerprint(tiny_dir) == llm.sha256
-    assert set(load_file(folder / "adapter_model.safetensors")) == set(
-        qpeft.trainable_state(reranker)
-    )
+    saved = load_file(folder / "adapter_model.safetensors")
+    assert set(saved) == set(qpeft.trainable_state(reranker))
     loaded = load_adapter(folder, llm, lambda cfg: Template(tokenizer, cfg.instruction))
     assert loaded.cfg == reranker.cfg and not loaded.training
     passages = [tokenizer.encode(p) for p in PASSAGES]
@@ -725,16 +713,14 @@ def test_load_adapter_bad_folders(tiny, tmp_path):
         r"tiny-llama .*--any-base-model",
     ):
         load_adapter(folder, llm, lambda cfg: template)
-    assert (
-        load_adapter(folder, llm, lambda cfg: template, any_base_model=True).cfg.method == "qpeft-a"
-    )
+    loaded = load_adapter(folder, llm, lambda cfg: template, any_base_model=True)
+    assert loaded.cfg.method == "qpeft-a"
     # weights of one method under another method's config: named, not silently half-loaded
     config["qpeft"]["method"] = "qpeft-r"
     config_file.write_text(json.dumps(config))
     with pytest.raises(
         ValueError,
-        match=r"adapter_model.safetensors: tensor 'attention\..*' is "
-        r"missing, unexpected",
+        match=r"adapter_model.safetensors: tensor 'attention\..*' is missing, unexpected",
     ):
         load_adapter(folder, llm, lambda cfg: template)
     config_file.unlink()
@@ -773,9 +759,8 @@ def test_python_api_scores_like_the_fast_path(tiny_dir, tiny, tmp_path):
             {"q1": ["a", "b"], "q2": ["b"]},
             {"a": passages[0], "b": passages[1]},
         )
-        assert both["q1"] == pytest.approx({"a": scores[0], "b": scores[1]}, abs=1e-5) and list(
-            both["q2"]
-        ) == ["b"]
+        assert both["q1"] == pytest.approx({"a": scores[0], "b": scores[1]}, abs=1e-5)
+        assert list(both["q2"]) == ["b"]
 
 
 # ---- the command line end to end on a tiny BEIR folder -------------------------------------
@@ -879,7 +864,8 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
     assert not (out / "zeroshot").exists()
     log = (out / "log.txt").read_text()
     assert "qpeft-a: step 2 train loss" in log and "nDCG@10" in log
-    # metrics.json: {method: {split: {measure: value}}}, plus {method: {"training": {...}}} for trained ones
+    # metrics.json: {method: {split: {measure: value}}}, plus {method: {"training": {...}}} for the
+    # trained methods
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"bm25", *methods}
     for name in metrics:
@@ -905,7 +891,7 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
         "train.bm25.trec",
         "train.tsv",
     ]
-    # runs: every first-stage passage, distinct scores; the 3 reranked candidates above the BM25 tail
+    # runs: every first-stage passage, distinct scores; the 3 reranked candidates above BM25's tail
     bm25 = ir.read_run(out / "bm25.test.trec")
     # no test run given, so BM25 over the corpus: 5 matches per query, the top 3 reranked
     assert {q: len(docs) for q, docs in bm25.items()} == {"s1": 5, "s2": 5}
@@ -918,7 +904,7 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
             assert set(ir.trec_ranking(docs)[:3]) == top3[q]
             assert all(docs[d] < 0 for d in top3[q])  # mean log-probs
 
-    # --eval-only with the saved adapter on a folder that has ONLY a test split (no train/dev to find)
+    # --eval-only with the saved adapter on a folder with ONLY a test split (no train/dev to find)
     test_only, out2 = write_beir(tmp_path / "beir_test_only", ["test"]), tmp_path / "out2"
     cli.main(
         [
@@ -1066,8 +1052,8 @@ def test_readme_python_snippet_runs_as_written():
 
 
 def test_seeds_are_averaged_per_query(tiny_dir, tmp_path):
-    """--seeds 2: two trained runs with their own files; the row is their mean, the SD is over the two
-    runs' means, and the paired test runs on the per-query mean over seeds against zero-shot."""
+    """--seeds 2: two trained runs with their own files; the row is their mean, the SD is over the
+    two runs' means, and the paired test runs on the per-query mean over seeds against zero-shot."""
     data_dir, out = write_beir(tmp_path / "beir", ["train", "dev", "test"]), tmp_path / "out"
     cli.main(
         [
@@ -1125,7 +1111,7 @@ def test_seeds_are_averaged_per_query(tiny_dir, tmp_path):
 
 # ---- --resume continues an interrupted run --------------------------------------------------
 class Payload:
-    """Unpickling this creates `marker`: what a planted resume file could do if it were ever loaded."""
+    """Unpickling this creates `marker`: what a planted resume file could do if it were loaded."""
 
     def __init__(self, marker):
         self.marker = marker
@@ -1166,9 +1152,8 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
 
     real_loss, train_calls = train.batch_loss, []
 
-    def loss_then_crash(
-        *a, **k
-    ):  # dev losses run without gradients; the 3rd training batch never finishes
+    def loss_then_crash(*a, **k):
+        # dev losses run without gradients; the 3rd training batch never finishes
         if torch.is_grad_enabled():
             train_calls.append(1)
             if len(train_calls) == 3:
@@ -1180,7 +1165,7 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     with pytest.raises(Interrupted):
         cli.main(args + ["--out", str(out)])
     assert (out / "qpeft-a.resume.json").exists() and not (out / "qpeft-a").exists()
-    # a pickle where older versions kept the resume state is never read: its code never runs
+    # a pickle named like a resume file (qpeft-a.resume.pt) is never read: its code never runs
     marker = tmp_path / "pickle-ran"
     torch.save(Payload(marker), out / "qpeft-a.resume.pt")
     monkeypatch.setattr(train, "batch_loss", real_loss)
@@ -1190,11 +1175,10 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
         not (out / "qpeft-a.resume.json").exists()
         and not (out / "qpeft-a.resume.safetensors").exists()
     )
-    history = json.loads((out / "qpeft-a" / "adapter_config.json").read_text())["training"][
-        "history"
-    ]
+    saved = json.loads((out / "qpeft-a" / "adapter_config.json").read_text())
+    history = saved["training"]["history"]
     assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4]
-    # the resumed run is the uninterrupted one: same dev losses, same weights (AdamW state restored too)
+    # the resumed run is the uninterrupted one: same dev losses, same weights (AdamW state too)
     straight = json.loads((tmp_path / "straight" / "qpeft-a" / "adapter_config.json").read_text())
     straight = straight["training"]["history"]
     assert [h["dev_loss"] for h in history] == pytest.approx(
@@ -1208,7 +1192,7 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     cli.main(args + ["--out", str(out), "--resume", "--steps", "6"])
     assert "qpeft-a: reusing trained adapter" in (out / "log.txt").read_text()
     assert json.loads((out / "metrics.json").read_text())["qpeft-a"]["training"]["steps"] == 4
-    # ... but not under other module settings: its passages would be cut differently than in training
+    # ... but not under other module settings: its passages would be cut otherwise than in training
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args + ["--out", str(out), "--resume", "--max-passage-tokens", "8"])
     assert exit_info.value.code == 2 and "trained with other settings" in capsys.readouterr().err
@@ -1225,7 +1209,7 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path):
 
 
 def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
-    # A fake clock in qpeft: every perf_counter() reading is 10 s after the previous one.
+    # A fake clock in cli: every perf_counter() reading is 10 s after the previous one.
     readings = []
 
     def clock():
@@ -1256,7 +1240,7 @@ def test_total_wall_time_covers_the_whole_run(tiny_dir, tmp_path, monkeypatch):
             str(out),
         ]
     )
-    # the last reading is the one the total is taken at; the first is taken before the model is loaded
+    # the total is taken at the last reading; the first reading is taken before the model is loaded
     assert f"total wall time {readings[-1] - readings[0]:.0f} s" in (out / "log.txt").read_text()
 
 
@@ -1290,7 +1274,8 @@ def test_numeric_flags_are_range_checked_before_any_work(flags, message, capsys)
 
 
 def test_input_errors_are_one_line(tiny_dir, tmp_path, capsys):
-    """An input error names what is wrong on one line, exit code 2, no traceback; --debug shows it."""
+    """An input error names what is wrong on one line with exit code 2 and no traceback;
+    --debug shows it."""
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
     common = [
         "--model",
@@ -1346,8 +1331,8 @@ def test_smollm2_zeroshot_prefers_relevant_passages():
     folder = smollm2_dir()
     passages = [
         " Paris is the capital and most populous city of France, on the river Seine.",
-        " Photosynthesis is the process by which green plants use sunlight to make food from carbon "
-        "dioxide and water.",
+        " Photosynthesis is the process by which green plants use sunlight to make food from "
+        "carbon dioxide and water.",
         " Romeo and Juliet is a tragedy written by William Shakespeare early in his career.",
     ]
     queries = [
@@ -1360,10 +1345,8 @@ def test_smollm2_zeroshot_prefers_relevant_passages():
     for dtype in (torch.float32, torch.bfloat16):
         llm, tokenizer = load(folder, dtype=dtype)
         template = Template(tokenizer, INSTRUCTION)
-        p_ids, q_ids = (
-            [tokenizer.encode(p) for p in passages],
-            [tokenizer.encode(q) for q in queries],
-        )
+        p_ids = [tokenizer.encode(p) for p in passages]
+        q_ids = [tokenizer.encode(q) for q in queries]
         with torch.no_grad():
             prefix = encode_prefixes(llm, template, None, p_ids)
             scores[dtype] = score_pairs(
@@ -1375,15 +1358,13 @@ def test_smollm2_zeroshot_prefers_relevant_passages():
                 [q_ids[q] for q, _ in pairs],
                 [p_ids[d] for _, d in pairs],
             ).view(3, 3)
-        # scores[query, passage]; query i's relevant passage is passage i, so the diagonal wins every
-        # row (measured margins: about 1 nat per token)
+        # scores[query, passage]; query i's relevant passage is passage i, so the diagonal wins
+        # every row (by margins of about 1 nat per token)
         assert scores[dtype].argmax(1).tolist() == [0, 1, 2], (dtype, scores[dtype])
         if dtype == torch.float32:  # the real tokenizer and model: cached path == one plain pass
             zs = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
             with torch.no_grad():
-                assert (
-                    abs(scores[dtype][0, 0] - naive_score(llm, template, zs, q_ids[0], p_ids[0]))
-                    <= 1e-4
-                )
-    # bf16 (the CLI default) stays close to fp32: measured differences are below 0.05 nat/token
+                naive = naive_score(llm, template, zs, q_ids[0], p_ids[0])
+                assert abs(scores[dtype][0, 0] - naive) <= 1e-4
+    # bf16 (the CLI default) stays close to fp32: the differences are below 0.05 nat/token here
     assert (scores[torch.bfloat16] - scores[torch.float32]).abs().max() <= 0.15
