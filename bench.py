@@ -30,6 +30,7 @@ import torch
 
 import data
 import qpeft
+import train
 from model import LlamaConfig, Transformer, default_dtype, load, rope_frequencies
 
 # Random weights in the shapes of bigger Llamas (config.json values), with the tokenizer of --model:
@@ -291,7 +292,7 @@ def main():
 
     # Training: the same batches through the fast path and the naive one.
     batches = data.train_batches(examples, 4, seed=0)[: args.train_steps]
-    train = {}
+    train_speed = {}
     for path in ("fast", "naive"):
         reranker = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).train()
         trainable = [p for p in reranker.parameters() if p.requires_grad]
@@ -335,12 +336,12 @@ def main():
         suffix_flops = 2 * dense * suffix + sum(attention_flops(s, n) for s, n in suffixes)
         # the passages forward only; the rest forward and backward; logits at the targets
         flops = passage_flops + 2 * suffix_flops + 4 * cfg.dim * cfg.vocab_size * targets
-        train[path] = trained_pairs / seconds
+        train_speed[path] = trained_pairs / seconds
         add_row(f"train qpeft-a ({path})", trained_pairs, passages + suffix, flops, seconds)
         if path == "fast":
             figures["train_pairs_per_s"] = round(trained_pairs / seconds, 2)
             gflops_of["train"] = flops / seconds / 1e9
-    figures["train_speedup_vs_naive"] = round(train["fast"] / train["naive"], 2)
+    figures["train_speedup_vs_naive"] = round(train_speed["fast"] / train_speed["naive"], 2)
 
     try:
         import transformers
