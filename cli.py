@@ -442,6 +442,7 @@ def run_command(args, argv):
     tokens = tokenize(tokenizer, base_cfg, queries, passages, log)
     check_positions(llm, template, tokens, base_cfg)
     record = provenance(args, argv, device, llm, sorted(set(files)))
+    record["truncation"] = tokens.cut  # of every text this run tokenised
     out.mkdir(parents=True, exist_ok=True)
     log(
         f"provenance: qpeft {record['qpeft_commit']}, python {record['python']}, torch "

@@ -25,7 +25,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +63,7 @@ class TokenIds:
 
     passages: dict  # docid -> ids of " {passage}", cut to max_passage_tokens
     queries: dict  # qid -> ids of "{query}"
+    cut: dict = field(default_factory=dict)  # "passages", "queries" -> how many were cut
 
 
 # ---- Devices and torchrun: one process per device, PyTorch's DistributedDataParallel --------
@@ -561,19 +562,23 @@ def train_adapter(
 def tokenize(tokenizer, cfg, queries, passages, log=None):
     """TokenIds of {qid: text} and {docid: text}, cut to the module's limits; a passage is
     tokenised with its leading space (the template ends with "Passage:")."""
-    texts = {d: " " + text for d, text in passages.items()}
-    p_ids = cut_to(data.tokenize_texts(tokenizer, texts), cfg.max_passage_tokens, "passages", log)
-    q_ids = cut_to(data.tokenize_texts(tokenizer, queries), cfg.max_query_tokens, "queries", log)
-    return TokenIds(passages=p_ids, queries=q_ids)
+    texts, cut = {d: " " + text for d, text in passages.items()}, {}
+    p_ids, q_ids = data.tokenize_texts(tokenizer, texts), data.tokenize_texts(tokenizer, queries)
+    p_ids = cut_to(p_ids, cfg.max_passage_tokens, "passages", log, cut)
+    q_ids = cut_to(q_ids, cfg.max_query_tokens, "queries", log, cut)
+    return TokenIds(passages=p_ids, queries=q_ids, cut=cut)
 
 
 # ---- Token limits ---------------------------------------------------------------------------
-def cut_to(ids, limit, what="", log=None):
-    """Token ids cut to `limit` (keeping the start), and a log line saying how many were cut."""
+def cut_to(ids, limit, what="", log=None, counts=None):
+    """Token ids cut to `limit` (keeping the start); how many were cut, and by how many tokens on
+    average, go to the log and to counts[what]."""
     cuts = [len(v) - limit for v in ids.values() if len(v) > limit]
+    mean = statistics.fmean(cuts) if cuts else 0.0
+    if counts is not None:
+        counts[what] = {"cut": len(cuts), "of": len(ids), "limit": limit, "mean": round(mean, 2)}
     if cuts and log:
-        cut, mean = f"{len(cuts)} of {len(ids)} cut to {limit} tokens", statistics.fmean(cuts)
-        log(f"{what}: {cut}, by {mean:.1f} tokens on average")
+        log(f"{what}: {len(cuts)} of {len(ids)} cut to {limit} tokens, by {mean:.1f} on average")
     return {k: v[:limit] for k, v in ids.items()}
 
 

@@ -882,6 +882,7 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
         and record["qpeft_commit"]
     )
     assert len(record["model"]["sha256"]) == 64 and "provenance: qpeft" in log
+    assert record["truncation"]["passages"]["of"] > 0 and record["truncation"]["queries"]["of"] > 0
     assert sorted(Path(f).name for f in record["data"]) == [
         "corpus.jsonl",
         "dev.bm25.trec",
@@ -1196,6 +1197,16 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args + ["--out", str(out), "--resume", "--max-passage-tokens", "8"])
     assert exit_info.value.code == 2 and "trained with other settings" in capsys.readouterr().err
+
+
+def test_cut_to_counts_what_it_cuts():
+    """Two of three passages are longer than 3 tokens, by 2 and 4: cut, counted and logged."""
+    lines, counts = [], {}
+    ids = {"a": [1, 2, 3, 4, 5], "b": [1, 2], "c": [1, 2, 3, 4, 5, 6, 7]}
+    cut = qpeft.cut_to(ids, 3, "passages", lines.append, counts)
+    assert cut == {"a": [1, 2, 3], "b": [1, 2], "c": [1, 2, 3]}
+    assert counts == {"passages": {"cut": 2, "of": 3, "limit": 3, "mean": 3.0}}
+    assert lines == ["passages: 2 of 3 cut to 3 tokens, by 3.0 on average"]
 
 
 def test_a_failed_save_leaves_no_temporary_file(tmp_path):
