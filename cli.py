@@ -276,10 +276,6 @@ def provenance(args, argv, device, llm, files):
     """What a number depends on, recorded beside it in metrics.json: every resolved flag, the
     qpeft commit, versions, the device, the model's fingerprint (qpeft.model_fingerprint) and the
     sha256 of every data file read (msmarco_small: 10 files, 7.1 MB, cheap to hash)."""
-    where = str(device)
-    if device.type == "cpu":
-        cpu = platform.processor() or platform.machine()
-        where = f"cpu ({cpu}), {torch.get_num_threads()} threads"
     return {
         "argv": argv if argv is not None else sys.argv[1:],
         "flags": vars(args),
@@ -287,11 +283,27 @@ def provenance(args, argv, device, llm, files):
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": __import__("numpy").__version__,
-        "device": where,
+        "device": device_name(device),
         "processes": world(),
         "model": {"name": llm.name, "sha256": llm.sha256},
         "data": {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
     }
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model name (Linux /proc/cpuinfo) and thread count."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type != "cpu":
+        return str(device)
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
+    return f"cpu ({names[0] if names else cpu}), {torch.get_num_threads()} threads"
 
 
 # ---- The job, step by step ------------------------------------------------------------------
@@ -384,23 +396,12 @@ def run_command(args, argv):
     out, log = Path(args.out), Log(Path(args.out))
     dataset, target, split, requests, files = read_target(args)
     extra_train = [data.load_dataset(n) for n in args.train_data.split(",") if n]
-    device = setup_device(args.device)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    start = run_start = time.perf_counter()
-    llm, tokenizer = load_llm(args.model, dtype, device)
-    log(f"$ python qpeft.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    where = f"cpu x {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
-    log(
-        f"model {args.model}: {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M frozen "
-        f"parameters, {str(llm.tok_embeddings.weight.dtype)[len('torch.') :]}, {where}"
-        + (f", {world()} processes" if world() > 1 else "")
-        + f", loaded in {time.perf_counter() - start:.1f} s"
-    )
+    run_start, device = time.perf_counter(), setup_device(args.device)
+    llm, tokenizer = load_model(args, argv, device, log)
     base_cfg, tc = pick(QPEFTConfig, args), pick(TrainConfig, args)
     if "qpeft-a" in args.methods.split(",") and llm.cfg.dim % base_cfg.heads:
-        raise ValueError(
-            f"--heads {base_cfg.heads} does not divide the width of {args.model} ({llm.cfg.dim})"
-        )
+        width = f"the width of {args.model} ({llm.cfg.dim})"
+        raise ValueError(f"--heads {base_cfg.heads} does not divide {width}")
 
     def template_for(cfg):
         return Template(tokenizer, cfg.instruction)
@@ -410,12 +411,9 @@ def run_command(args, argv):
     if rerankers:
         base_cfg = next(iter(rerankers.values())).cfg
     template = template_for(base_cfg)
+    listed = args.methods.split(",")
     # with --eval-only: the adapters, and zero-shot beside them when --methods lists it
-    methods = (
-        (["zeroshot"] if "zeroshot" in args.methods.split(",") else []) + list(rerankers)
-        if args.eval_only
-        else args.methods.split(",")
-    )
+    methods = ["zeroshot"] * ("zeroshot" in listed) + list(rerankers) if args.eval_only else listed
     trained = [] if args.eval_only else [m for m in methods if m != "zeroshot"]
     seeds = [tc.seed + i for i in range(args.seeds)]
     passages = {d: target.corpus[d] for docs in candidates.values() for d in docs}
@@ -426,31 +424,15 @@ def run_command(args, argv):
         )
         passages.update(train_passages)
         queries.update(train_queries)
-        files += [
-            f
-            for d in [dataset, *extra_train]
-            for pattern in ("*.jsonl", "qrels/*.tsv", "runs/*.trec")
-            for f in sorted(d.path.glob(pattern))
-        ]
-    elif target is dataset:
-        files += [
-            f
-            for pattern in ("*.jsonl", "qrels/*.tsv", "runs/*.trec")
-            for f in sorted(dataset.path.glob(pattern))
-        ]
-    # Queries and passages could share ids (MS MARCO numbers both alike): kept apart.
+    if trained or target is dataset:
+        files += dataset_files([dataset] + extra_train * bool(trained))
     tokens = tokenize(tokenizer, base_cfg, queries, passages, log)
     check_positions(llm, template, tokens, base_cfg)
     record = provenance(args, argv, device, llm, sorted(set(files)))
     record["truncation"] = tokens.cut  # of every text this run tokenised
     out.mkdir(parents=True, exist_ok=True)
-    log(
-        f"provenance: qpeft {record['qpeft_commit']}, python {record['python']}, torch "
-        f"{record['torch']}, {record['device']}, model sha256 {record['model']['sha256'][:12]}, "
-        f"{len(record['data'])} data files fingerprinted (all in metrics.json)"
-    )
+    log_provenance(record, log)
     log(f"data {target.name}: {len(candidates)} {split} queries x depth {args.depth}")
-
     # Merged per method and split: another command's methods and splits in this --out stay.
     metrics = (
         json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
@@ -460,58 +442,24 @@ def run_command(args, argv):
         rerankers["zeroshot"] = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
     if trained:
         log_training_inputs(llm, template, examples[seeds[0]], dev, tc, tokens, log)
-    for method in trained:
-        groups[method] = []
-        cfg = replace(base_cfg, method=method)
-        for seed in seeds:
-            name = run_name(method, seed, len(seeds))
-            rerankers[name], training = fit(
-                llm,
-                template_for,
-                cfg,
-                replace(tc, seed=seed),
-                examples[seed],
-                dev,
-                tokens,
-                out,
-                log,
-                name,
-                args.resume,
-                extra={"data": dataset.name, "train_data": [d.name for d in extra_train]},
-            )
-            if training:
-                metrics.setdefault(name, {})["training"] = training
-            groups[method].append(name)
-
+        for method in trained:
+            cfg = replace(base_cfg, method=method)
+            runs = train_seeds(llm, template_for, cfg, tc, seeds, examples, dev, tokens, args, log)
+            for name, (reranker, training) in runs.items():
+                rerankers[name] = reranker
+                if training:  # None: an adapter reused by --resume keeps its earlier record
+                    metrics.setdefault(name, {})["training"] = training
+            groups[method] = list(runs)
     if args.compile:  # after training: compiling the backward graphs would cost more than it saves
         llm.compile_blocks()
     scores, timing = rerank(
         llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {split}"
     )
-    bad = next(
-        (
-            (m, q, d, v)
-            for m, per_query in scores.items()
-            for q, docs in per_query.items()
-            for d, v in docs.items()
-            if not math.isfinite(v)
-        ),
-        None,
-    )
-    if bad:  # NaN or inf would reach the runs and the table
-        raise ValueError(
-            f"{bad[0]} scored query {bad[1]!r} passage {bad[2]!r} as {bad[3]} (model "
-            f"{args.model}): non-finite scores are not ranked"
-        )
+    check_finite(scores, args.model)
     if rank() == 0:  # every score is here: rank 0 evaluates and writes
-        runs = {
-            "bm25": first_stage,
-            **{name: with_tail(scores[name], first_stage) for name in rerankers},
-        }
-        for name, run in runs.items():
-            ir.write_run(out / f"{name}.{split}.trec", run, tag=name.replace("-", "_"))
-            if requests is not None:
-                data.write_requests(out / f"{name}.{split}.jsonl", requests, run)
+        runs = {"bm25": first_stage}
+        runs.update({name: with_tail(scores[name], first_stage) for name in rerankers})
+        write_runs(runs, split, requests, out)
         if any(target.qrels[split].values()):
             report(
                 target,
@@ -529,21 +477,97 @@ def run_command(args, argv):
             )
         else:
             for row in groups:
-                metrics.setdefault(row, {})[split] = {
-                    "queries": len(candidates),
-                    "depth": args.depth,
-                    "provenance": record,
-                }
-            atomic_save(
-                lambda f: Path(f).write_text(json.dumps(metrics, indent=1)), out / "metrics.json"
-            )
+                entry = {"queries": len(candidates), "depth": args.depth, "provenance": record}
+                metrics.setdefault(row, {})[split] = entry
+            save_metrics(metrics, out)
             log(f"no qrels for {split}: runs written to {out}/, nothing evaluated")
-    log(
-        f"total wall time {time.perf_counter() - run_start:.0f} s; runs, adapters and "
-        f"metrics.json in {out}/"
-    )
+    seconds = time.perf_counter() - run_start
+    log(f"total wall time {seconds:.0f} s; runs, adapters and metrics.json in {out}/")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def train_seeds(llm, template_for, cfg, tc, seeds, examples, dev, tokens, args, log):
+    """{run name: (reranker, training record)}: the method of `cfg` trained once per seed, each
+    run saved as the adapter folder --out/{run name} (train.fit)."""
+    inputs = {
+        "data": Path(args.data).name,
+        "train_data": [n for n in args.train_data.split(",") if n],
+    }
+    runs = {}
+    for seed in seeds:
+        name = run_name(cfg.method, seed, len(seeds))
+        runs[name] = fit(
+            llm,
+            template_for,
+            cfg,
+            replace(tc, seed=seed),
+            examples[seed],
+            dev,
+            tokens,
+            Path(args.out),
+            log,
+            name,
+            args.resume,
+            inputs,
+        )
+    return runs
+
+
+def load_model(args, argv, device, log):
+    """The frozen LLM and its tokenizer, and the command line and the model in the log."""
+    start = time.perf_counter()
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    llm, tokenizer = load_llm(args.model, dtype, device)
+    log(f"$ python qpeft.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    where = f"cpu x {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    where += f", {world()} processes" if world() > 1 else ""
+    size = sum(p.numel() for p in llm.parameters()) / 1e6
+    dtype = str(llm.tok_embeddings.weight.dtype).removeprefix("torch.")
+    seconds = time.perf_counter() - start
+    log(
+        f"model {args.model}: {size:.1f}M frozen parameters, {dtype}, {where}, loaded in "
+        f"{seconds:.1f} s"
+    )
+    return llm, tokenizer
+
+
+def dataset_files(datasets):
+    """The files of BEIR folders that a run reads, for their fingerprints."""
+    patterns = ("*.jsonl", "qrels/*.tsv", "runs/*.trec")
+    return [f for d in datasets for pattern in patterns for f in sorted(d.path.glob(pattern))]
+
+
+def log_provenance(record, log):
+    log(
+        f"provenance: qpeft {record['qpeft_commit']}, python {record['python']}, torch "
+        f"{record['torch']}, {record['device']}, model sha256 {record['model']['sha256'][:12]}, "
+        f"{len(record['data'])} data files fingerprinted (all in metrics.json)"
+    )
+
+
+def check_finite(scores, model):
+    """NaN or inf would reach the runs and the table: an error naming method, query and passage."""
+    for method, per_query in scores.items():
+        for qid, docs in per_query.items():
+            for docid, value in docs.items():
+                if not math.isfinite(value):
+                    raise ValueError(
+                        f"{method} scored query {qid!r} passage {docid!r} as {value} "
+                        f"(model {model}): non-finite scores are not ranked"
+                    )
+
+
+def write_runs(runs, split, requests, out):
+    """A TREC run per row, and rank_llm JSONL beside it when the input was --requests."""
+    for name, run in runs.items():
+        ir.write_run(out / f"{name}.{split}.trec", run, tag=name.replace("-", "_"))
+        if requests is not None:
+            data.write_requests(out / f"{name}.{split}.jsonl", requests, run)
+
+
+def save_metrics(metrics, out):
+    atomic_save(lambda f: Path(f).write_text(json.dumps(metrics, indent=1)), out / "metrics.json")
 
 
 def log_training_inputs(llm, template, examples, dev, tc, tokens, log):
@@ -599,7 +623,7 @@ def report(
                 trainable_parameters=rerankers[names[0]].trainable_parameters(),
             )
         metrics.setdefault(row, {})[split] = {**entry, "provenance": record}
-    atomic_save(lambda f: Path(f).write_text(json.dumps(metrics, indent=1)), out / "metrics.json")
+    save_metrics(metrics, out)
     binary = all(g <= 1 for judged in qrels.values() for g in judged.values())
     log(
         results_table(
