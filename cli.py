@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -20,6 +21,8 @@ from tqdm import tqdm
 import data
 import eval as ir
 from qpeft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     METHODS,
     QPEFTConfig,
     Reranker,
@@ -34,6 +37,7 @@ from qpeft import (
     tokenize,
     world,
 )
+from tokenizer import read_json
 from train import (
     MEASURES,
     SELECT_ON,
@@ -351,6 +355,12 @@ def read_target(args):
     else:
         target, files = dataset, []
     split = args.split if target is dataset else target.splits[0]
+    if args.qrels and not target.qrels[split].keys() & target.runs[split].keys():
+        raise ValueError(f"--qrels {args.qrels} judges none of the queries to rerank")
+    for folder in (args.adapter or "").split(",") if args.eval_only else []:
+        if not (Path(folder) / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"--adapter {folder}: no {ADAPTER_CONFIG} there")
+        files += [Path(folder) / ADAPTER_CONFIG, Path(folder) / ADAPTER_WEIGHTS]
     return dataset, target, split, requests, files
 
 
@@ -358,7 +368,8 @@ def first_stage_of(target, split, depth, log):
     """{qid: {docid: score}} the whole first stage, and {qid: [docid]} its top `depth` to rerank.
     Queries without candidates or text are left out, as trec_eval leaves out queries missing
     from a run."""
-    first_stage = target.first_stage(split, 1000)
+    longest = max(map(len, target.runs.get(split, {}).values()), default=0)
+    first_stage = target.first_stage(split, max(1000, depth, longest))  # a given run: whole
     if empty := [q for q in first_stage if not target.queries[q].strip()]:
         log(
             f"warning: {len(empty)} {split} queries have no text and are skipped "
@@ -374,6 +385,8 @@ def adapters(args, llm, template_for):
     rerankers = {}
     for folder in args.adapter.split(","):
         name = Path(folder).name
+        if any(c.isspace() for c in name):  # it becomes the run's tag
+            raise ValueError(f"--adapter {folder}: the folder's name holds whitespace")
         if name in rerankers or name in ("bm25", "zeroshot"):
             raise ValueError(
                 f"--adapter: two rows would be called {name!r} ({folder}); rename the folder"
@@ -395,7 +408,8 @@ def run_name(method, seed, seeds):
 def run_command(args, argv):
     out, log = Path(args.out), Log(Path(args.out))
     dataset, target, split, requests, files = read_target(args)
-    extra_train = [data.load_dataset(n) for n in args.train_data.split(",") if n]
+    trains = not args.eval_only and any(m != "zeroshot" for m in args.methods.split(","))
+    extra_train = [data.load_dataset(n) for n in args.train_data.split(",") if n and trains]
     run_start, device = time.perf_counter(), setup_device(args.device)
     llm, tokenizer = load_model(args, argv, device, log)
     base_cfg, tc = pick(QPEFTConfig, args), pick(TrainConfig, args)
@@ -408,8 +422,9 @@ def run_command(args, argv):
 
     first_stage, candidates = first_stage_of(target, split, args.depth, log)
     rerankers = adapters(args, llm, template_for) if args.eval_only else {}
-    if rerankers:
-        base_cfg = next(iter(rerankers.values())).cfg
+    if rerankers:  # the longest hint block any adapter can write must fit the model
+        top_k = max(r.cfg.top_k for r in rerankers.values())
+        base_cfg = replace(next(iter(rerankers.values())).cfg, top_k=top_k)
     template = template_for(base_cfg)
     listed = args.methods.split(",")
     # with --eval-only: the adapters, and zero-shot beside them when --methods lists it
@@ -422,8 +437,16 @@ def run_command(args, argv):
         examples, dev, train_passages, train_queries = training_inputs(
             dataset, extra_train, tc, seeds, args.train_queries
         )
-        passages.update(train_passages)
-        queries.update(train_queries)
+        for kind, texts, more in (
+            ("passage", passages, train_passages),
+            ("query", queries, train_queries),
+        ):
+            if clash := next((i for i in more if texts.get(i, more[i]) != more[i]), None):
+                raise ValueError(
+                    f"{kind} {clash!r} has one text in {target.name} and another "
+                    f"in the training data; give them distinct ids"
+                )
+            texts.update(more)
     if trained or target is dataset:
         files += dataset_files([dataset] + extra_train * bool(trained))
     tokens = tokenize(tokenizer, base_cfg, queries, passages, log)
@@ -434,9 +457,7 @@ def run_command(args, argv):
     log_provenance(record, log)
     log(f"data {target.name}: {len(candidates)} {split} queries x depth {args.depth}")
     # Merged per method and split: another command's methods and splits in this --out stay.
-    metrics = (
-        json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
-    )
+    metrics = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
     groups = {m: [m] for m in methods if m not in trained}  # table row -> its runs (one per seed)
     if "zeroshot" in groups:
         rerankers["zeroshot"] = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
@@ -519,7 +540,7 @@ def load_model(args, argv, device, log):
     start = time.perf_counter()
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     llm, tokenizer = load_llm(args.model, dtype, device)
-    log(f"$ python qpeft.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    log(f"$ python qpeft.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
     where = f"cpu x {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     where += f", {world()} processes" if world() > 1 else ""
     size = sum(p.numel() for p in llm.parameters()) / 1e6

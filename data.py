@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from eval import text_lines
+from eval import text_lines, trec_ranking
 
 
 def _warn(message):
@@ -63,10 +63,11 @@ def _read_jsonl(path, fields):
     return records
 
 
-def _read_qrels(path, queries):
+def _read_qrels(path, queries, requested_only=False):
     """{qid: {docid: grade}}. Judged passages absent from the corpus are kept on purpose: TREC DL
-    qrels judge the full collection, and metrics must be normalised by all of them."""
-    qrels = {}
+    qrels judge the full collection, and metrics must be normalised by all of them. A query
+    without text is an error, or (requested_only) left out with a counted warning."""
+    qrels, unrequested = {}, set()
     for n, line in _lines(path):
         cols = line.split("\t")
         if n == 1 and cols[:2] == ["query-id", "corpus-id"]:
@@ -78,11 +79,16 @@ def _read_qrels(path, queries):
         qid, docid, grade = cols[0], cols[1], int(cols[2])
         if any(c.isspace() for c in qid + docid):
             raise ValueError(f"{path}:{n}: id {qid!r} or {docid!r} holds whitespace")
+        if qid not in queries and requested_only:
+            unrequested.add(qid)
+            continue
         if qid not in queries:
             raise ValueError(f"{path}:{n}: query {qid!r} has no text in the queries")
         if docid in qrels.setdefault(qid, {}):
             raise ValueError(f"{path}:{n}: query {qid!r} judges passage {docid!r} twice")
         qrels[qid][docid] = grade
+    if unrequested:
+        _warn(f"{path}: {len(unrequested)} judged queries are not requested and are left out")
     return qrels
 
 
@@ -287,6 +293,8 @@ def _request_text(doc):
     an optional title, which goes first)."""
     if isinstance(doc, str):
         return doc
+    if not isinstance(doc, dict):
+        raise TypeError(f"doc is {type(doc).__name__}, not a string or an object")
     body = next(doc[k] for k in ("contents", "text", "segment") if isinstance(doc.get(k), str))
     return f"{doc['title']} {body}" if isinstance(doc.get("title"), str) and doc["title"] else body
 
@@ -313,6 +321,8 @@ def requests_dataset(path, qrels=None):
                 f"{path}:{n}: not a rank_llm request {{query: {{qid, text}}, "
                 f"candidates: [{{docid, score, doc}}]}} ({type(e).__name__}: {e})"
             ) from None
+        if not qid or any(c.isspace() for c in qid):  # TREC run lines split on spaces
+            raise ValueError(f"{path}:{n}: qid {qid!r} is empty or holds whitespace")
         if qid in queries:
             raise ValueError(f"{path}:{n}: query {qid!r} is requested twice")
         queries[qid], scores[qid] = text, {}
@@ -330,7 +340,9 @@ def requests_dataset(path, qrels=None):
                 raise ValueError(f"{path}:{n}: passage {docid!r} listed twice for query {qid!r}")
             scores[qid][docid] = score
         records.append(record)
-    judged = _read_qrels(Path(qrels), queries) if qrels else {q: {} for q in scores}
+    judged = {q: {} for q in scores}
+    if qrels:  # qrels usually judge more queries than one file requests: those are left out
+        judged = _read_qrels(Path(qrels), queries, requested_only=True)
     dataset = Dataset(
         path.name, path.parent, corpus, queries, {"requests": judged}, {"requests": scores}, {}
     )
@@ -342,15 +354,17 @@ def write_requests(path, records, run):
     {qid: {docid: score}}, with those scores (written whole: temp file, then rename)."""
     lines = []
     for record in records:
-        scores = run.get(str(record["query"]["qid"]), {})
-        candidates = sorted(
-            record["candidates"], key=lambda c: -scores.get(str(c["docid"]), -math.inf)
-        )
-        candidates = [{**c, "score": scores.get(str(c["docid"]), c["score"])} for c in candidates]
+        scores = run.get(str(record["query"]["qid"]), {})  # a query without candidates: none
+        order = {d: i for i, d in enumerate(trec_ranking(scores))}  # the TREC run's order
+        candidates = sorted(record["candidates"], key=lambda c: order[str(c["docid"])])
+        candidates = [{**c, "score": scores[str(c["docid"])]} for c in candidates]
         lines.append(json.dumps({**record, "candidates": candidates}, ensure_ascii=False))
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    tmp = Path(path).with_name(f"{Path(path).name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    finally:  # a failed write leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
 
 
 def merge_datasets(*datasets):

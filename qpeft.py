@@ -1,4 +1,4 @@
-"""Q-PEFT: query-dependent parameter-efficient fine-tuning for LLM reranking, in one file.
+"""Q-PEFT: query-dependent parameter-efficient fine-tuning for LLM reranking: the method.
 
 Peng, Wu, Wang, Rajanala, Fang. "Q-PEFT: Query-dependent Parameter Efficient Fine-tuning for Text
 Reranking with Large Language Models", arXiv 2404.04522 (2024); official code zhiyuanpeng/Q-PEFT.
@@ -63,7 +63,7 @@ class TokenIds:
 
     passages: dict  # docid -> ids of " {passage}", cut to max_passage_tokens
     queries: dict  # qid -> ids of "{query}"
-    cut: dict = field(default_factory=dict)  # "passages", "queries" -> how many were cut
+    cut: dict = field(default_factory=dict)  # "passages"/"queries" -> {cut, of, limit, mean}
 
 
 # ---- Devices and torchrun: one process per device, PyTorch's DistributedDataParallel --------
@@ -378,6 +378,8 @@ def save_adapter(reranker, folder, llm, extra):
     adapter_model.safetensors, and adapter_config.json with the method, every QPEFTConfig field,
     the base model's name and fingerprint, and `extra` (training data, dev history, ...)."""
     folder.mkdir(parents=True, exist_ok=True)
+    # the config goes first and comes back last: a crash in between leaves no adapter to reuse
+    (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
     weights = {k: v.contiguous() for k, v in trainable_state(reranker).items()}
     atomic_save(lambda f: save_file(weights, f), folder / ADAPTER_WEIGHTS)
     base = {"base_model_name_or_path": llm.name, "base_model_sha256": llm.sha256}
@@ -405,13 +407,19 @@ def load_adapter(folder, llm, template_for, any_base_model=False):
     except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: unknown or missing field
         error = f"{type(e).__name__}: {e}"
         raise ValueError(f"{config_file}: not an adapter config ({error})") from None
+    if cfg.method not in METHODS:
+        raise ValueError(f"{config_file}: unknown method {cfg.method!r} (known: {METHODS})")
     if base_sha != llm.sha256 and not any_base_model:
         raise ValueError(
             f"{folder}: trained on {base} (sha256 {base_sha[:12]}), not on {llm.name} "
             f"(sha256 {llm.sha256[:12]}); --any-base-model loads it anyway"
         )
     reranker = Reranker(cfg, llm, template_for(cfg))
-    saved, expected = load_file(folder / ADAPTER_WEIGHTS), trainable_state(reranker)
+    try:
+        saved = load_file(folder / ADAPTER_WEIGHTS)
+    except Exception as e:  # safetensors raises its own error types for a bad file
+        raise ValueError(f"{folder / ADAPTER_WEIGHTS}: not a safetensors file ({e})") from None
+    expected = trainable_state(reranker)
     for name in expected.keys() | saved.keys():
         if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
             raise ValueError(

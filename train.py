@@ -18,6 +18,7 @@ import data
 import eval as ir
 from qpeft import (
     ADAPTER_CONFIG,
+    METHODS,
     QPEFTConfig,
     Ranker,
     Reranker,
@@ -414,14 +415,18 @@ def fit(
     folder = out / name if out else None
     if resume and folder and (folder / ADAPTER_CONFIG).exists():
         reranker = load_adapter(folder, llm, template_for)
-        if reranker.cfg != cfg:  # its prompt, cut or shape would not match this run's
+        saved = json.loads((folder / ADAPTER_CONFIG).read_text())
+        same_run = {"seed": tc.seed, **(extra or {})}
+        found = {"seed": saved["train"]["seed"], **{k: saved.get(k) for k in extra or {}}}
+        # its prompt, cut or shape, or its seed or data, would not be this run's
+        if reranker.cfg != cfg or found != same_run:
             raise ValueError(
-                f"{folder} was trained with other settings ({asdict(reranker.cfg)}); "
+                f"{folder} was trained with other settings ({asdict(reranker.cfg)}, {found}); "
                 f"rerun with the same flags or without --resume"
             )
         ignored = "training flags such as --steps are ignored"
         log(f"{name}: reusing trained adapter {folder} ({ignored})")
-        return reranker, None
+        return reranker, saved["training"]
     torch.manual_seed(tc.seed)  # a method's initial weights do not depend on which ran before
     reranker = Reranker(cfg, llm, template_for(cfg))
     log(f"{name}: {reranker.trainable_parameters():,} trainable parameters (fp32), seed {tc.seed}")
@@ -454,10 +459,14 @@ def train_adapter(llm, tokenizer, method, data_name, out, log, **settings):
     own = {f.name for f in fields(QPEFTConfig)} - {"method"}
     if unknown := settings.keys() - own - {f.name for f in fields(TrainConfig)} - {"train_data"}:
         raise TypeError(f"train_adapter: unknown setting {sorted(unknown)[0]!r}")
+    if method not in METHODS or method == "zeroshot":
+        raise ValueError(f"train_adapter: method {method!r} is not one that trains ({METHODS[1:]})")
     cfg = QPEFTConfig(method=method, **{k: v for k, v in settings.items() if k in own})
     tc = TrainConfig(**{k: v for k, v in settings.items() if k in asdict(TrainConfig())})
     dataset = data.load_dataset(data_name)
-    extra = [data.load_dataset(n) for n in settings.get("train_data", [])]
+    train_data = settings.get("train_data", [])  # names, or one comma-separated string
+    train_data = train_data.split(",") if isinstance(train_data, str) else train_data
+    extra = [data.load_dataset(n) for n in train_data if n]
     examples, dev, passages, queries = training_inputs(dataset, extra, tc, [tc.seed])
     tokens = tokenize(tokenizer, cfg, queries, passages, log)
 
@@ -465,6 +474,8 @@ def train_adapter(llm, tokenizer, method, data_name, out, log, **settings):
         return Template(tokenizer, c.instruction)
 
     check_positions(llm, template_for(cfg), tokens, cfg)
+    if method == "qpeft-a" and llm.cfg.dim % cfg.heads:
+        raise ValueError(f"heads={cfg.heads} does not divide the model's width ({llm.cfg.dim})")
     out = Path(out) if out is not None else None
     if out:
         out.mkdir(parents=True, exist_ok=True)

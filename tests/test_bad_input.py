@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import cli
-from test_qpeft import write_beir, write_tiny_llama
+from test_qpeft import QUERY_TEXT, write_beir, write_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,44 @@ CASES = [
         "run.trec:2: passage 'p99' is not in the corpus",
     ),
     (
+        "--qrels that judge none of the run's queries",
+        lambda d, m, t: (
+            run_flags(d, t, "t1 Q0 p1 1 9.5 bm25\n") + ["--qrels", str(d / "qrels" / "test.tsv")]
+        ),
+        "qrels/test.tsv judges none of the queries to rerank",
+    ),
+    (
+        "a run query whose text differs from the training data's",
+        lambda d, m, t: (
+            run_flags(d, t, "t1 Q0 p1 1 9.5 bm25\n", {"t1": "another text"})
+            + ["--methods", "qpeft-a"]
+        ),
+        "query 't1' has one text in run.trec and another in the training data",
+    ),
+    (
+        "an --adapter folder without its config",
+        lambda d, m, t: ["--eval-only", "--adapter", str(t / "nowhere")],
+        "nowhere: no adapter_config.json there",
+    ),
+    (
+        "a request whose doc is null",
+        lambda d, m, t: requests_flags(
+            t,
+            [
+                '{"query": {"qid": "q1", "text": "a"}, "candidates": [{"docid": "d1", '
+                '"score": 1, "doc": null}]}'
+            ],
+        ),
+        "requests.jsonl:1: not a rank_llm request",
+    ),
+    (
+        "a request whose qid holds a space",
+        lambda d, m, t: requests_flags(
+            t, ['{"query": {"qid": "q 1", "text": "a"}, "candidates": []}']
+        ),
+        "requests.jsonl:1: qid 'q 1' is empty or holds whitespace",
+    ),
+    (
         "a requests line without candidates",
         lambda d, m, t: requests_flags(
             t,
@@ -193,14 +231,17 @@ def adapter_with(tmp_path, model_dir, data_dir, change, name="qpeft-a"):
     return ["--eval-only", "--adapter", str(out / name)]
 
 
-def run_flags(data_dir, tmp_path, lines):
-    """Flags that rerank the TREC run `lines` over the tiny dataset's queries and corpus."""
+def run_flags(data_dir, tmp_path, lines, other_text=None):
+    """Flags that rerank the TREC run `lines` over the tiny dataset's queries (as tsv, with
+    `other_text` {qid: text} changed) and corpus."""
     (tmp_path / "run.trec").write_text(lines)
+    texts = {**QUERY_TEXT, **(other_text or {})}
+    (tmp_path / "queries.tsv").write_text("".join(f"{q}\t{t}\n" for q, t in texts.items()))
     return [
         "--run",
         str(tmp_path / "run.trec"),
         "--queries",
-        str(data_dir / "queries.jsonl"),
+        str(tmp_path / "queries.tsv"),
         "--corpus",
         str(data_dir / "corpus.jsonl"),
         "--methods",

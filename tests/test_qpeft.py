@@ -1197,6 +1197,10 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args + ["--out", str(out), "--resume", "--max-passage-tokens", "8"])
     assert exit_info.value.code == 2 and "trained with other settings" in capsys.readouterr().err
+    # ... nor under another seed: that run's module was never trained
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args + ["--out", str(out), "--resume", "--seed", "1"])
+    assert exit_info.value.code == 2 and "'seed': 0" in capsys.readouterr().err
 
 
 def test_cut_to_counts_what_it_cuts():
