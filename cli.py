@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import data
 import eval as ir
+from eval import atomic_save
 from qpeft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -27,7 +28,6 @@ from qpeft import (
     QPEFTConfig,
     Reranker,
     Template,
-    atomic_save,
     check_positions,
     load_adapter,
     load_llm,

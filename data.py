@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from eval import text_lines, trec_ranking
+from eval import atomic_save, text_lines, trec_ranking
 
 
 def _warn(message):
@@ -359,12 +359,7 @@ def write_requests(path, records, run):
         candidates = sorted(record["candidates"], key=lambda c: order[str(c["docid"])])
         candidates = [{**c, "score": scores[str(c["docid"])]} for c in candidates]
         lines.append(json.dumps({**record, "candidates": candidates}, ensure_ascii=False))
-    tmp = Path(path).with_name(f"{Path(path).name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    finally:  # a failed write leaves no temporary file behind
-        tmp.unlink(missing_ok=True)
+    atomic_save(lambda f: Path(f).write_text("\n".join(lines) + "\n", encoding="utf-8"), path)
 
 
 def merge_datasets(*datasets):

@@ -24,6 +24,7 @@ import os
 import re
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -97,22 +98,29 @@ def read_run(path):
     return run
 
 
+def atomic_save(write, path):
+    """Write a temporary file beside `path`, then rename: no interruption leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full, an error) leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
+
+
 def write_run(path, run, tag):
     """Write a TREC run whose rank column is trec_eval's order. Scores are written with repr(),
-    the shortest text that reads back as the same float, so no ties are invented.
-    We write a temporary file next to `path` and rename it: a crash leaves no half a run."""
+    the shortest text that reads back as the same float, so no ties are invented. Written
+    through a temporary file (atomic_save): a crash leaves no half a run."""
     if not tag or any(c.isspace() for c in tag):
         raise ValueError(f"run tag '{tag}' must be one word")
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            for qid, scores in run.items():
-                for rank, docid in enumerate(trec_ranking(scores), 1):
-                    f.write(f"{qid} Q0 {docid} {rank} {float(scores[docid])!r} {tag}\n")
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    lines = [
+        f"{qid} Q0 {docid} {rank} {float(scores[docid])!r} {tag}\n"
+        for qid, scores in run.items()
+        for rank, docid in enumerate(trec_ranking(scores), 1)
+    ]
+    atomic_save(lambda f: Path(f).write_text("".join(lines), encoding="utf-8"), path)
 
 
 # -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
+from eval import atomic_save
 from model import default_dtype, load
 
 METHODS = ("zeroshot", "prompt", "qpeft-r", "qpeft-a")
@@ -337,16 +338,6 @@ def target_logprobs(llm, h, target, rows=128):
 # ---- Saved modules --------------------------------------------------------------------------
 def trainable_state(reranker):
     return {k: v for k, v in reranker.named_parameters() if v.requires_grad}
-
-
-def atomic_save(write, path):
-    """Write a temporary file beside `path`, then rename: no interruption leaves half a file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:  # a failed write (disk full, an error) leaves no temporary file behind
-        tmp.unlink(missing_ok=True)
 
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"

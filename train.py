@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import data
 import eval as ir
+from eval import atomic_save
 from qpeft import (
     ADAPTER_CONFIG,
     METHODS,
@@ -23,7 +24,6 @@ from qpeft import (
     Ranker,
     Reranker,
     Template,
-    atomic_save,
     check_positions,
     encode_prefixes,
     gather,

@@ -1219,7 +1219,7 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        qpeft.atomic_save(write_half_then_fail, tmp_path / "metrics.json")
+        ir.atomic_save(write_half_then_fail, tmp_path / "metrics.json")
     assert list(tmp_path.iterdir()) == []
 
 
