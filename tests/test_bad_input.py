@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import cli
-from test_qpeft import QUERY_TEXT, write_beir, write_tiny_llama
+from test_qpeft import QUERY_TEXT, tiny_args, write_beir, write_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -261,27 +261,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, capsys, case, prep
     capsys.readouterr()
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(
-            [
-                "--model",
-                str(tiny_dir),
-                "--data",
-                str(data_dir),
-                "--dtype",
-                "float32",
-                "--depth",
-                "2",
-                "--steps",
-                "1",
-                "--queries-per-batch",
-                "2",
-                "--dev-queries",
-                "2",
-                "--out",
-                str(out),
-                *flags,
-            ]
-        )
+        training = "--depth 2 --steps 1 --queries-per-batch 2 --dev-queries 2"
+        cli.main(tiny_args(tiny_dir, data_dir, training) + ["--out", str(out), *flags])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2, err
     assert message in err and "Traceback" not in err, err
@@ -294,22 +275,7 @@ def test_odd_but_valid_input_gives_counted_warnings_and_n_a(tiny_dir, tmp_path):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
     edit(data_dir / "queries.jsonl", lambda s: s.replace('"do plants need water"', '" "'))
     out = tmp_path / "out"
-    cli.main(
-        [
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(data_dir),
-            "--dtype",
-            "float32",
-            "--depth",
-            "2",
-            "--methods",
-            "zeroshot",
-            "--out",
-            str(out),
-        ]
-    )
+    cli.main(tiny_args(tiny_dir, data_dir, "--depth 2 --methods zeroshot") + ["--out", str(out)])
     log = (out / "log.txt").read_text()
     assert "warning: 1 test queries have no text and are skipped (s2)" in log
     assert "p: n/a, a paired test needs at least 2 queries" in log

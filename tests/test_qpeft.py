@@ -110,6 +110,11 @@ def tiny_dir(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+def tiny_args(tiny_dir, data_dir, flags=""):
+    """Command-line arguments for the tiny model on a tiny dataset, in float32, plus `flags`."""
+    return ["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32", *flags.split()]
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     """(llm, tokenizer, template) in float32; the LLM is frozen, so tests can share it."""
@@ -1124,28 +1129,8 @@ class Payload:
 @pytest.mark.parametrize("dropout", ["0.0", "0.1"])  # 0.1: dropout masks must continue too
 def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, dropout, capsys):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
-    args = [
-        "--model",
-        str(tiny_dir),
-        "--data",
-        str(data_dir),
-        "--dtype",
-        "float32",
-        "--depth",
-        "2",
-        "--methods",
-        "qpeft-a",
-        "--steps",
-        "4",
-        "--eval-every",
-        "1",
-        "--queries-per-batch",
-        "2",
-        "--dev-queries",
-        "2",
-        "--dropout",
-        dropout,
-    ]
+    args = tiny_args(tiny_dir, data_dir, "--depth 2 --methods qpeft-a --steps 4 --eval-every 1")
+    args += ["--queries-per-batch", "2", "--dev-queries", "2", "--dropout", dropout]
     cli.main(args + ["--out", str(tmp_path / "straight")])
 
     class Interrupted(Exception):
