@@ -122,6 +122,7 @@ RANGES = {
     "lr": (0.0, None),
     "weight_decay": (0.0, None),
     "margin": (0.0, None),
+    "pointwise_weight": (0.0, None),
     "eval_every": (1, None),
     "patience": (1, None),
     "dev_queries": (1, None),
@@ -604,7 +605,7 @@ def log_training_inputs(llm, template, examples, dev, tc, tokens, log):
     )
     zeroshot = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
     log(
-        f"zeroshot: {dev_line(dev_check(llm, template, zeroshot, dev, tc.margin, tokens))} "
+        f"zeroshot: {dev_line(dev_check(llm, template, zeroshot, dev, tc, tokens))} "
         f"(the dev reference)"
     )
 

@@ -45,6 +45,7 @@ class TrainConfig:
     lr: float = 1e-2  # paper: 3e-2 (AdamW)
     weight_decay: float = 0.01  # paper: 0.01; never on E' (see train)
     margin: float = 0.0  # hinge margin on mean NLL (paper: 0.0-1.1)
+    pointwise_weight: float = 1.0  # weight of the query-likelihood term (paper: 1; 0: hinge only)
     eval_every: int = 25  # steps between dev checks (the paper stopped on the dev loss)
     patience: int = 3  # stop after this many dev checks without a better dev SELECT_ON
     dev_queries: int = 40  # dev queries checked (the first usable ones: all 40 of dev.graded)
@@ -69,9 +70,10 @@ def batch_pairs(batch):
     return pairs
 
 
-def ranking_loss(scores, pairs, margin, counts=None):
-    """L = mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin), NLL = -score (a mean
-    per token, so the margin is on a per-token scale, as in the official code). Returns L and its
+def ranking_loss(scores, pairs, margin, pointwise_weight=1.0, counts=None):
+    """L = w mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin), NLL = -score (a mean
+    per token, so the margin is on a per-token scale, as in the official code); w = 1 in the paper,
+    0 is the official code's hinge-only `pairwise` variant. Returns L and its
     diagnostics: the two terms, the share of active hinges, and the pairwise accuracy (positive
     above the query's own hard negative). `counts` (queries, negatives, hard pairs of the whole
     batch; default: these pairs') divide the sums, so that the values of the processes that
@@ -93,7 +95,7 @@ def ranking_loss(scores, pairs, margin, counts=None):
         "active": (hinge > 0).sum() / negatives,
         "accuracy": (gap[hard] < 0).sum() / max(hard_pairs, 1),
     }
-    return terms["pointwise"] + terms["hinge"], terms
+    return pointwise_weight * terms["pointwise"] + terms["hinge"], terms
 
 
 def batch_counts(pairs):
@@ -102,7 +104,7 @@ def batch_counts(pairs):
     return kinds["positive"], kinds["hard"] + kinds["in-batch"], kinds["hard"]
 
 
-def batch_loss(llm, template, reranker, batch, tokens, margin, share=(0, 1)):
+def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1)):
     """The loss of one batch (and its diagnostics) through the fast path: each passage's
     keys/values computed once. With share (r, n), only the pairs of queries r, r + n, ... (process
     r of n under torchrun), each with the whole batch's negatives, and the sums divided by the
@@ -124,7 +126,7 @@ def batch_loss(llm, template, reranker, batch, tokens, margin, share=(0, 1)):
     queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs]
     passages = [tokens.passages[d] for _, d, _ in pairs]
     scores = score_pairs(llm, template, reranker, prefix, rows, queries, passages)  # (N,)
-    return ranking_loss(scores, pairs, margin, counts)
+    return ranking_loss(scores, pairs, tc.margin, tc.pointwise_weight, counts)
 
 
 class TrainingLoss(nn.Module):
@@ -135,9 +137,9 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.reranker = reranker
 
-    def forward(self, llm, template, batch, tokens, margin):
+    def forward(self, llm, template, batch, tokens, tc):
         """The loss of this process's share of `batch` and its diagnostics (batch_loss)."""
-        return batch_loss(llm, template, self.reranker, batch, tokens, margin, (rank(), world()))
+        return batch_loss(llm, template, self.reranker, batch, tokens, tc, (rank(), world()))
 
 
 @dataclass
@@ -159,14 +161,14 @@ SELECT_ON = "ndcg_cut_10"  # the dev measure that picks the module and drives ea
 
 
 @torch.no_grad()
-def dev_check(llm, template, reranker, dev, margin, tokens, token_budget=4096):
+def dev_check(llm, template, reranker, dev, tc, tokens, token_budget=4096):
     """Dev diagnostics of the module as it is now, with dropout off: the mean loss terms over the
     dev batches and the trec_eval means on the dev candidates. The same on every process."""
     reranker.eval()
     record = {}
     for batch in dev.batches:  # each process its share of every batch; the shares add up
         loss, terms = batch_loss(
-            llm, template, reranker, batch, tokens, margin, share=(rank(), world())
+            llm, template, reranker, batch, tokens, tc, share=(rank(), world())
         )
         for name, value in {"dev_loss": loss, **terms}.items():
             record[name] = record.get(name, 0.0) + value.item() / len(dev.batches)
@@ -228,7 +230,7 @@ def train(
         state = load_resume(resume_files, reranker, optimizer, [asdict(reranker.cfg), asdict(tc)])
         log(f"{name}: resumed at step {state['step']} from {resume_files[0]}")
     else:  # the untrained module is the first candidate: training must beat it on dev
-        record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
+        record = dev_check(llm, template, reranker, dev, tc, tokens)
         state = {
             "step": 0,
             "best": snapshot(),
@@ -255,7 +257,7 @@ def train(
                 train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch
             )
         reranker.train()
-        loss, terms = model(llm, template, epoch_batches[index], tokens, tc.margin)
+        loss, terms = model(llm, template, epoch_batches[index], tokens, tc)
         (loss * world()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -265,7 +267,7 @@ def train(
             loss, active = loss.item(), terms["active"].item()
         bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
-            record = dev_check(llm, template, reranker, dev, tc.margin, tokens)
+            record = dev_check(llm, template, reranker, dev, tc, tokens)
             train_record = {"train_loss": round(loss, 6), "train_active": round(active, 4)}
             state["history"].append({"step": step + 1, **train_record, **record})
             improved = record[SELECT_ON] > state["best_dev"][SELECT_ON]

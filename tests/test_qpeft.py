@@ -352,7 +352,7 @@ def test_batch_loss_by_hand(monkeypatch):
     monkeypatch.setattr(train, "encode_prefixes", lambda *args: None)
     reranker = SimpleNamespace(cfg=SimpleNamespace(method="qpeft-a"))
     batch = [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")]
-    loss, terms = batch_loss(None, None, reranker, batch, tokens, margin=0.5)
+    loss, terms = batch_loss(None, None, reranker, batch, tokens, TrainConfig(margin=0.5))
     # negatives: the other query's positive and both hard negatives (in-batch + hard), nothing else
     assert len(pairs) == 1 and sorted(pairs[0]) == sorted(s)
     # NLL(pos): q1 1.0, q2 2.0 -> mean 1.5
@@ -379,6 +379,15 @@ def test_batch_loss_by_hand(monkeypatch):
         ("q2", "a"): 1 / 6,
     }
     assert grad == pytest.approx(expected, abs=1e-6)
+    # pointwise weight 0 (the official code's hinge-only variant): the loss is the hinge term
+    # alone, and an inactive hinge gives its pair no gradient at all
+    hinge_only = TrainConfig(margin=0.5, pointwise_weight=0.0)
+    loss, _ = batch_loss(None, None, reranker, batch, tokens, hinge_only)
+    assert loss.item() == pytest.approx(0.3, abs=1e-6)
+    loss.backward()
+    grad = dict(zip(pairs[1], scored[1].grad.tolist()))
+    assert grad[("q1", "A")] == pytest.approx(-1 / 6) and grad[("q2", "B")] == pytest.approx(-2 / 6)
+    assert grad[("q1", "B")] == 0.0 and grad[("q2", "A")] == 0.0
 
 
 def test_batch_pairs_counts_each_negative_once():
@@ -430,7 +439,7 @@ def test_batch_loss_uses_the_right_prefix_rows(tiny):
             reranker,
             [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")],
             tokens,
-            margin=0.3,
+            TrainConfig(margin=0.3),
         )
         nll = {
             (q, d): -naive_score(
@@ -641,10 +650,11 @@ def test_dev_check_runs_without_dropout(tiny):
     llm, tokenizer, template = tiny
     _, dev_examples, tokens = small_training_set(tokenizer)
     reranker = make_reranker("qpeft-a", llm, template, dropout=0.5)
+    dev = tiny_dev_set(dev_examples)
     reranker.train()
-    first = train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens)
+    first = train.dev_check(llm, template, reranker, dev, TrainConfig(), tokens)
     reranker.train()
-    again = train.dev_check(llm, template, reranker, tiny_dev_set(dev_examples), 0.0, tokens)
+    again = train.dev_check(llm, template, reranker, dev, TrainConfig(), tokens)
     assert again == first
     assert not reranker.training
 
