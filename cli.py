@@ -174,13 +174,15 @@ def parse_args(argv):
     p.add_argument(
         "--out", default="runs/qpeft", help="output folder: runs, adapters, metrics.json, log.txt"
     )
-    p.add_argument("--adapter", help="trained adapter folder(s), comma-separated, for --eval-only")
+    p.add_argument(
+        "--adapter",
+        help="rerank with these trained adapter folder(s), comma-separated, instead of training",
+    )
     p.add_argument(
         "--any-base-model",
         action="store_true",
         help="load --adapter even on another base model than it was trained on",
     )
-    p.add_argument("--eval-only", action="store_true", help="rerank with --adapter, no training")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument(
         "--device",
@@ -244,17 +246,13 @@ def check_flags(p, args):
         p.error("--queries and --corpus go with --run")
     if args.qrels and not (args.run or args.requests):
         p.error("--qrels goes with --run or --requests (--data has its own qrels)")
-    if args.eval_only and not args.adapter:
-        p.error("--eval-only needs --adapter DIR")
-    if args.adapter and not args.eval_only:
-        p.error("--adapter needs --eval-only (adapters are reranked as they are, not trained)")
     if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
         p.error(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
     trained = [m for m in args.methods.split(",") if m != "zeroshot"]
-    if trained and not args.eval_only and args.data is None:
+    if trained and not args.adapter and args.data is None:
         p.error(
             f"--methods {trained[0]} trains on a dataset: add --data NAME, or rerank with "
-            f"--eval-only --adapter DIR"
+            f"--adapter DIR"
         )
 
 
@@ -358,7 +356,7 @@ def read_target(args):
     split = args.split if target is dataset else target.splits[0]
     if args.qrels and not target.qrels[split].keys() & target.runs[split].keys():
         raise ValueError(f"--qrels {args.qrels} judges none of the queries to rerank")
-    for folder in (args.adapter or "").split(",") if args.eval_only else []:
+    for folder in args.adapter.split(",") if args.adapter else []:
         if not (Path(folder) / ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"--adapter {folder}: no {ADAPTER_CONFIG} there")
         files += [Path(folder) / ADAPTER_CONFIG, Path(folder) / ADAPTER_WEIGHTS]
@@ -381,9 +379,10 @@ def first_stage_of(target, split, depth, log):
 
 
 def adapters(args, llm, template_for):
-    """{row name: reranker} of --adapter folders, named by their folder; they share one pass over
-    the passages, so they must share the instruction and the token limits."""
-    rerankers = {}
+    """{row name: reranker} of --adapter folders, named by their folder, and {row name: the
+    training record saved with it, or None}; they share one pass over the passages, so they must
+    share the instruction and the token limits."""
+    rerankers, training = {}, {}
     for folder in args.adapter.split(","):
         name = Path(folder).name
         if any(c.isspace() for c in name):  # it becomes the run's tag
@@ -393,12 +392,13 @@ def adapters(args, llm, template_for):
                 f"--adapter: two rows would be called {name!r} ({folder}); rename the folder"
             )
         rerankers[name] = load_adapter(folder, llm, template_for, args.any_base_model)
+        training[name] = read_json(Path(folder) / ADAPTER_CONFIG).get("training")
     configs = [r.cfg for r in rerankers.values()]
     if len({(c.instruction, c.max_passage_tokens, c.max_query_tokens) for c in configs}) > 1:
         raise ValueError(
             "--adapter: the adapters differ in instruction or max_passage/query_tokens"
         )
-    return rerankers
+    return rerankers, training
 
 
 def run_name(method, seed, seeds):
@@ -409,7 +409,7 @@ def run_name(method, seed, seeds):
 def run_command(args, argv):
     out, log = Path(args.out), Log(Path(args.out))
     dataset, target, split, requests, files = read_target(args)
-    trains = not args.eval_only and any(m != "zeroshot" for m in args.methods.split(","))
+    trains = not args.adapter and any(m != "zeroshot" for m in args.methods.split(","))
     extra_train = [data.load_dataset(n) for n in args.train_data.split(",") if n and trains]
     run_start, device = time.perf_counter(), setup_device(args.device)
     llm, tokenizer = load_model(args, argv, device, log)
@@ -422,15 +422,15 @@ def run_command(args, argv):
         return Template(tokenizer, cfg.instruction)
 
     first_stage, candidates = first_stage_of(target, split, args.depth, log)
-    rerankers = adapters(args, llm, template_for) if args.eval_only else {}
+    rerankers, adapter_training = adapters(args, llm, template_for) if args.adapter else ({}, {})
     if rerankers:  # the longest hint block any adapter can write must fit the model
         top_k = max(r.cfg.top_k for r in rerankers.values())
         base_cfg = replace(next(iter(rerankers.values())).cfg, top_k=top_k)
     template = template_for(base_cfg)
     listed = args.methods.split(",")
-    # with --eval-only: the adapters, and zero-shot beside them when --methods lists it
-    methods = ["zeroshot"] * ("zeroshot" in listed) + list(rerankers) if args.eval_only else listed
-    trained = [] if args.eval_only else [m for m in methods if m != "zeroshot"]
+    # with --adapter: the adapters, and zero-shot beside them when --methods lists it
+    methods = ["zeroshot"] * ("zeroshot" in listed) + list(rerankers) if args.adapter else listed
+    trained = [] if args.adapter else [m for m in methods if m != "zeroshot"]
     seeds = [tc.seed + i for i in range(args.seeds)]
     passages = {d: target.corpus[d] for docs in candidates.values() for d in docs}
     queries = {q: target.queries[q] for q in candidates}
@@ -460,6 +460,8 @@ def run_command(args, argv):
     # Merged per method and split: another command's methods and splits in this --out stay.
     metrics = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
     groups = {m: [m] for m in methods if m not in trained}  # table row -> its runs (one per seed)
+    for name, training in adapter_training.items():  # the adapter's own record, not a stale one
+        metrics.setdefault(name, {})["training"] = training
     if "zeroshot" in groups:
         rerankers["zeroshot"] = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
     if trained:

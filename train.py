@@ -358,7 +358,7 @@ def make_dev_set(dataset, tc):
     if "dev" not in dataset.splits:
         raise ValueError(
             f"{dataset.path} has no dev split (qrels/dev.tsv), needed to choose the "
-            f"module; use --eval-only --adapter DIR to rerank with a trained one"
+            f"module; use --adapter DIR to rerank with a trained one"
         )
     split = "dev.graded" if "dev.graded" in dataset.splits else "dev"
     first_stage = dataset.first_stage(split, 1000)
@@ -387,7 +387,7 @@ def training_inputs(dataset, extra_train, tc, seeds, train_queries=0):
     if "train" not in train_set.splits:
         raise ValueError(
             f"{dataset.path} has no train split (qrels/train.tsv) to train on; use "
-            f"--eval-only --adapter DIR to rerank with a trained module"
+            f"--adapter DIR to rerank with a trained module"
         )
     examples = {}
     for seed in seeds:

@@ -121,11 +121,6 @@ CASES = [
         "two rows would be called 'zeroshot'",
     ),
     (
-        "--adapter without --eval-only",
-        lambda d, m, t: ["--adapter", "x"],
-        "--adapter needs --eval-only",
-    ),
-    (
         "a TREC run line with five columns",
         lambda d, m, t: run_flags(d, t, "s1 Q0 p1 1 9.5 bm25\ns1 Q0 p3 2 9.0\n"),
         "run.trec:2: expected 'qid Q0 docid rank score tag'",
@@ -152,7 +147,7 @@ CASES = [
     ),
     (
         "an --adapter folder without its config",
-        lambda d, m, t: ["--eval-only", "--adapter", str(t / "nowhere")],
+        lambda d, m, t: ["--adapter", str(t / "nowhere")],
         "nowhere: no adapter_config.json there",
     ),
     (
@@ -228,7 +223,7 @@ def adapter_with(tmp_path, model_dir, data_dir, change, name="qpeft-a"):
         change(config)
         (out / "qpeft-a" / "adapter_config.json").write_text(json.dumps(config))
     (out / "qpeft-a").rename(out / name)
-    return ["--eval-only", "--adapter", str(out / name)]
+    return ["--adapter", str(out / name)]
 
 
 def run_flags(data_dir, tmp_path, lines, other_text=None):

@@ -54,7 +54,7 @@ def test_two_processes_rerank_to_byte_identical_runs(tiny_dir, tmp_path):
     run_qpeft(common(tiny_dir, data_dir) + train_flags, 1)
     for method, extra in (
         ("zeroshot", ["--methods", "zeroshot"]),
-        ("qpeft-r", ["--eval-only", "--adapter", str(trained / "qpeft-r")]),
+        ("qpeft-r", ["--adapter", str(trained / "qpeft-r")]),
     ):
         outs = [tmp_path / f"{method}-{n}" for n in (1, 2)]
         for n, out in zip((1, 2), outs):

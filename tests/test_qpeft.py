@@ -844,7 +844,7 @@ def write_beir(root, splits):
     return root
 
 
-def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
+def test_main_end_to_end_then_rerank_with_the_adapter(tiny_dir, tmp_path):
     data_dir, out = write_beir(tmp_path / "beir", ["train", "dev", "test"]), tmp_path / "out"
     common = ["--model", str(tiny_dir), "--dtype", "float32", "--depth", "3"]
     cli.main(
@@ -920,22 +920,27 @@ def test_main_end_to_end_then_eval_only(tiny_dir, tmp_path):
             assert set(ir.trec_ranking(docs)[:3]) == top3[q]
             assert all(docs[d] < 0 for d in top3[q])  # mean log-probs
 
-    # --eval-only with the saved adapter on a folder with ONLY a test split (no train/dev to find)
+    # --adapter: the saved adapter reranks a folder with ONLY a test split (no train/dev to find)
     test_only, out2 = write_beir(tmp_path / "beir_test_only", ["test"]), tmp_path / "out2"
     cli.main(
         [
             "--data",
             str(test_only),
             *common,
-            "--eval-only",
             "--adapter",
             str(out / "qpeft-a"),
             "--out",
             str(out2),
         ]
     )
-    # zero-shot (in --methods by default) is reranked beside the saved module, in one pass
-    assert set(json.loads((out2 / "metrics.json").read_text())) == {"bm25", "zeroshot", "qpeft-a"}
+    # zero-shot (in --methods by default) is reranked beside the saved module, in one pass; the
+    # module's row takes its training record (best step) from the adapter folder
+    metrics2 = json.loads((out2 / "metrics.json").read_text())
+    assert set(metrics2) == {"bm25", "zeroshot", "qpeft-a"}
+    assert metrics2["qpeft-a"]["training"] == metrics["qpeft-a"]["training"]
+    assert metrics2["qpeft-a"]["test"]["best_steps"] == [
+        metrics["qpeft-a"]["training"]["best_step"]
+    ]
     again, before = ir.read_run(out2 / "qpeft-a.test.trec"), ir.read_run(out / "qpeft-a.test.trec")
     for q in before:  # the reloaded module reproduces the trained run's scores
         assert again[q] == pytest.approx(before[q], abs=1e-6)
