@@ -366,15 +366,15 @@ def load_llm(model, dtype=None, device="cpu"):
 
 def save_adapter(reranker, folder, llm, extra):
     """A peft-style adapter folder: the trainable parameters only (never the frozen LLM) in
-    adapter_model.safetensors, and adapter_config.json with the method, every QPEFTConfig field,
-    the base model's name and fingerprint, and `extra` (training data, dev history, ...)."""
+    adapter_model.safetensors, and adapter_config.json with every QPEFTConfig field (the method
+    among them), the base model's name and fingerprint, and `extra` (training data, dev history)."""
     folder.mkdir(parents=True, exist_ok=True)
     # the config goes first and comes back last: a crash in between leaves no adapter to reuse
     (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
     weights = {k: v.contiguous() for k, v in trainable_state(reranker).items()}
     atomic_save(lambda f: save_file(weights, f), folder / ADAPTER_WEIGHTS)
     base = {"base_model_name_or_path": llm.name, "base_model_sha256": llm.sha256}
-    config = {"qpeft_method": reranker.cfg.method, "qpeft": asdict(reranker.cfg), **base, **extra}
+    config = {"qpeft": asdict(reranker.cfg), **base, **extra}
     atomic_save(lambda f: Path(f).write_text(json.dumps(config, indent=1)), folder / ADAPTER_CONFIG)
 
 
