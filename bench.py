@@ -292,7 +292,7 @@ def main():
 
     # Training: the same batches through the fast path and the naive one.
     batches = data.train_batches(examples, 4, seed=0)[: args.train_steps]
-    train_speed = {}
+    train_speed, paper = {}, train.TrainConfig(loss="paper", margin=0.0)
     for path in ("fast", "naive"):
         reranker = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).train()
         trainable = [p for p in reranker.parameters() if p.requires_grad]
@@ -300,13 +300,13 @@ def main():
 
         def step(batch):
             if path == "fast":
-                loss, _ = train.batch_loss(llm, template, reranker, batch, tokens, margin=0.0)
+                loss, _ = train.batch_loss(llm, template, reranker, batch, tokens, paper)
             else:
                 pairs_ = train.batch_pairs(batch)
                 queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs_]
                 passages = [tokens.passages[d] for _, d, _ in pairs_]
                 scores = score_pairs_uncached(llm, template, reranker, queries, passages)
-                loss, _ = train.ranking_loss(scores, pairs_, margin=0.0)
+                loss, _ = train.ranking_loss(scores, pairs_, paper)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -39,6 +39,7 @@ from qpeft import (
 )
 from tokenizer import read_json
 from train import (
+    LOSSES,
     MEASURES,
     SELECT_ON,
     TrainConfig,
@@ -118,15 +119,19 @@ RANGES = {
     "max_passage_tokens": (1, None),
     "max_query_tokens": (1, None),
     "steps": (0, None),
+    "epochs": (0, None),
     "queries_per_batch": (1, None),
+    "list_negatives": (1, None),
     "lr": (0.0, None),
     "weight_decay": (0.0, None),
     "margin": (0.0, None),
     "pointwise_weight": (0.0, None),
-    "eval_every": (1, None),
+    "eval_every": (0, None),
+    "save_every": (1, None),
     "patience": (1, None),
-    "dev_queries": (1, None),
+    "dev_queries": (0, None),
     "dev_depth": (1, None),
+    "fit_queries": (0, None),
     "seed": (0, None),
 }
 
@@ -246,6 +251,8 @@ def check_flags(p, args):
         p.error("--queries and --corpus go with --run")
     if args.qrels and not (args.run or args.requests):
         p.error("--qrels goes with --run or --requests (--data has its own qrels)")
+    if args.loss is not None and args.loss not in LOSSES:
+        p.error(f"--loss: unknown loss {args.loss!r} (choose from {', '.join(LOSSES)})")
     if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
         p.error(f"--methods: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
     trained = [m for m in args.methods.split(",") if m != "zeroshot"]
@@ -465,7 +472,8 @@ def run_command(args, argv):
     if "zeroshot" in groups:
         rerankers["zeroshot"] = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
     if trained:
-        log_training_inputs(llm, template, examples[seeds[0]], dev, tc, tokens, log)
+        reference = log_training_inputs(llm, template, examples[seeds[0]], dev, tc, tokens, log)
+        metrics.setdefault("zeroshot", {})["dev_check"] = reference
         for method in trained:
             cfg = replace(base_cfg, method=method)
             runs = train_seeds(llm, template_for, cfg, tc, seeds, examples, dev, tokens, args, log)
@@ -595,21 +603,28 @@ def save_metrics(metrics, out):
 
 
 def log_training_inputs(llm, template, examples, dev, tc, tokens, log):
-    """What the trained methods learn from and are chosen on, and zero-shot's dev values: the
-    reference every dev check is read against."""
+    """What the trained methods learn from and are chosen on, and zero-shot's dev check: the
+    reference every dev check is read against (returned, for metrics.json)."""
     sources = ", ".join(f"{n} {k}" for k, n in Counter(e.negative_source for e in examples).items())
     with_loss = sum(len(b) for b in dev.batches)
+    per_epoch = max(1, len(examples) // tc.queries_per_batch)
+    length = f"{tc.epochs} epochs of {per_epoch} steps" if tc.epochs else f"{tc.steps} steps"
+    if tc.loss == "listwise":
+        pool = statistics.fmean(len(e.list_negatives) for e in examples)
+        loss = f"listwise, {tc.list_negatives} of a mean {pool:.1f} first-stage negatives"
+    else:
+        loss = f"paper (pointwise + hinge, margin {tc.margin})"
+    fit = f"; train fit: {len(dev.fit.candidates)} train queries" if dev.fit else ""
     log(
-        f"train: {len(examples)} queries, hard negatives from: {sources} "
+        f"train: {len(examples)} queries, {length}, loss {loss}, hard negatives from: {sources} "
         f"(data.hard_negative_pool); dev: {len(dev.candidates)} queries of {dev.split} (depth "
-        f"{tc.dev_depth}; {with_loss} with a positive and a hard negative for the loss terms), "
-        f"modules chosen on dev {SELECT_ON}"
+        f"{tc.dev_depth}; {with_loss} with a positive and a hard negative for the loss terms)"
+        f"{fit}; modules chosen on dev {SELECT_ON}"
     )
     zeroshot = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
-    log(
-        f"zeroshot: {dev_line(dev_check(llm, template, zeroshot, dev, tc, tokens))} "
-        f"(the dev reference)"
-    )
+    record = dev_check(llm, template, zeroshot, dev, tc, tokens)
+    log(f"zeroshot: {dev_line(record)} (the dev reference)")
+    return record
 
 
 def report(

@@ -456,6 +456,8 @@ class TrainExample:
     positive_docid: str
     hard_negative_docid: str
     negative_source: str = field(default="", compare=False)  # see hard_negative_pool
+    # the listwise loss's pool: every first-stage negative of list_negative_pool
+    list_negatives: tuple = field(default=(), compare=False)
 
 
 # Unlabelled BM25 hits ranked 11-20 are the hard-negative pool where nothing better is known. On
@@ -482,6 +484,20 @@ def hard_negative_pool(dataset, qid, judged, ranking):
     return "top-20", [d for d in ranking[:20] if judged.get(d, 0) < 1]  # short lists only
 
 
+def list_negative_pool(dataset, qid, judged, ranking):
+    """The listwise loss's negatives of a query: all the evidence hard_negative_pool ranks, not
+    only the best kind: the official negatives, the top-20 hits judged non-relevant (nq_small:
+    answer-free) and the unjudged hits of HARD_NEGATIVE_BAND, each once, in that order; lists
+    too short to reach the band give their unjudged top-20 hits instead."""
+    first, last = HARD_NEGATIVE_BAND
+    official = [d for d in dataset.official_negatives.get(qid, []) if d in dataset.corpus]
+    judged_negatives = [d for d in ranking[:20] if d in judged]
+    band = ranking[first - 1 : last] if len(ranking) >= first else ranking[:20]
+    return list(
+        dict.fromkeys(d for d in official + judged_negatives + band if judged.get(d, 0) < 1)
+    )
+
+
 def training_examples(dataset, split="train", seed=0):
     """One (query, positive, hard negative) triple per query of `split` (method.md §5), the hard
     negative from hard_negative_pool; for several folders use merge_datasets. In-batch negatives
@@ -500,7 +516,9 @@ def training_examples(dataset, split="train", seed=0):
         no_negative += bool(positives) and not negatives
         if positives and negatives:
             rng = random.Random(f"{seed}:{qid}")
-            examples.append(TrainExample(qid, rng.choice(positives), rng.choice(negatives), source))
+            pool = tuple(list_negative_pool(dataset, qid, judged, candidates.get(qid, [])))
+            positive, negative = rng.choice(positives), rng.choice(negatives)
+            examples.append(TrainExample(qid, positive, negative, source, pool))
     if no_positive or no_negative:
         _warn(
             f"{dataset.name}/{split}: skipped {no_positive} queries without a positive that has "

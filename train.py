@@ -1,11 +1,13 @@
 """Training a Q-PEFT module: the loss (method.md §5), AdamW steps, dev checks on a
 ranking metric, early stopping, the best module kept, and resuming an interrupted run."""
 
+import hashlib
 import json
+import random
 import subprocess
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,23 +39,30 @@ from qpeft import (
     world,
 )
 
+LOSSES = ("paper", "listwise")
+
 
 @dataclass
 class TrainConfig:
+    loss: str = "paper"  # "paper": pointwise + hinge (method.md §5); "listwise": not the paper's
     steps: int = 100  # optimizer steps, one per batch (the official code stepped per 2 pairs)
+    epochs: int = 0  # if > 0, train this many passes over the train queries instead of `steps`
     queries_per_batch: int = 4  # paper: 4 (negatives: the batch's other positives + hard negatives)
+    list_negatives: int = 7  # listwise: first-stage negatives per query (7: the paper's 8 pairs)
     lr: float = 1e-2  # paper: 3e-2 (AdamW)
     weight_decay: float = 0.01  # paper: 0.01; never on E' (see train)
     margin: float = 0.0  # hinge margin on mean NLL (paper: 0.0-1.1)
     pointwise_weight: float = 1.0  # weight of the query-likelihood term (paper: 1; 0: hinge only)
-    eval_every: int = 25  # steps between dev checks (the paper stopped on the dev loss)
+    eval_every: int = 25  # steps between dev checks, 0: once per epoch (paper: dev loss per epoch)
+    save_every: int = 25  # steps between resume checkpoints (and at every dev check)
     patience: int = 3  # stop after this many dev checks without a better dev SELECT_ON
-    dev_queries: int = 40  # dev queries checked (the first usable ones: all 40 of dev.graded)
+    dev_queries: int = 0  # dev queries checked, the first usable ones (0: all)
     dev_depth: int = 20  # first-stage candidates reranked per dev query at each check
+    fit_queries: int = 16  # train queries ranked at each check too: is the train set fitted?
     seed: int = 0
 
 
-# ---- The loss (method.md §5): a pointwise query likelihood term and a hinge over pairs ------
+# ---- The losses: the paper's pointwise term + hinge over pairs, and a listwise alternative ---
 def batch_pairs(batch):
     """(query index, docid, kind) for a batch of TrainExamples, kind "positive", "hard" (the query's
     own hard negative) or "in-batch": each query meets its positive and, as negatives, the other
@@ -70,53 +79,86 @@ def batch_pairs(batch):
     return pairs
 
 
-def ranking_loss(scores, pairs, margin, pointwise_weight=1.0, counts=None):
-    """L = w mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin), NLL = -score (a mean
-    per token, so the margin is on a per-token scale, as in the official code); w = 1 in the paper,
-    0 is the official code's hinge-only `pairwise` variant. Returns L and its
-    diagnostics: the two terms, the share of active hinges, and the pairwise accuracy (positive
-    above the query's own hard negative). `counts` (queries, negatives, hard pairs of the whole
-    batch; default: these pairs') divide the sums, so that the values of the processes that
-    share a batch add up to the whole batch's."""
+def list_pairs(batch, m, seed, epoch):
+    """(query index, docid, kind) for the listwise loss: each query's positive and m of its own
+    first-stage negatives (data.list_negative_pool; its hard negative where the pool is empty),
+    drawn anew each epoch, the same for the same seed, epoch and query."""
+    pairs = []
+    for i, e in enumerate(batch):
+        pool = [d for d in e.list_negatives if d != e.positive_docid] or [e.hard_negative_docid]
+        drawn = random.Random(f"{seed}:epoch{epoch}:{e.qid}").sample(pool, min(m, len(pool)))
+        pairs += [(i, e.positive_docid, "positive")] + [(i, d, "hard") for d in drawn]
+    return pairs
+
+
+def ranking_loss(scores, pairs, tc, lengths=None, counts=None):
+    """The loss of scored pairs and its diagnostics. NLL = -score, a mean per token.
+    paper:    L = w mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin) over negatives
+              (the margin on a per-token scale, as in the official code; w = 1 in the paper, 0 is
+              the official code's hinge-only `pairwise` variant);
+    listwise: L = w mean NLL(q, d+) + mean over queries of -log softmax(S)[d+], S the *summed* log
+              p(q | d) (score x lengths, the query's target count) of the positive and the query's
+              own negatives: the posterior of the positive among them under a uniform prior.
+    Diagnostics: the mean NLL of positives (the pointwise term), of own ("hard") and in-batch
+    negatives, and the mean gap
+    NLL(d-) - NLL(d+) of each kind (> 0: the order wanted), the share of active hinges, and the
+    pairwise accuracy (positive above the query's own negatives). `counts` (queries, hard pairs,
+    in-batch pairs of the whole batch; default: these pairs') divide the sums, so that the values
+    of the processes that share a batch add up to the whole batch's."""
     nll = -scores  # (N,)
+    dev = nll.device
     kind = [k for _, _, k in pairs]
-    counts = counts or batch_counts(pairs)
-    is_pos = torch.tensor([k == "positive" for k in kind], device=nll.device)  # (N,)
-    query = torch.tensor([i for i, _, _ in pairs], device=nll.device)  # (N,) each pair's query
-    nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=nll.device)  # (B,)
-    nll_pos = nll_pos.index_copy(0, query[is_pos], nll[is_pos])  # (B,) 0 for others'
-    gap = nll_pos[query[~is_pos]] - nll[~is_pos]  # (N - B,) > 0: wrong order
-    hinge = F.relu(gap + margin)  # (N - B,)
-    hard = torch.tensor([k == "hard" for k in kind], device=nll.device)[~is_pos]  # (N - B,)
-    queries, negatives, hard_pairs = counts
+    queries, hard_pairs, in_batch_pairs = counts or batch_counts(pairs)
+    is_pos = torch.tensor([k == "positive" for k in kind], device=dev)  # (N,)
+    query = torch.tensor([i for i, _, _ in pairs], device=dev)  # (N,) each pair's query
+    nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=dev)  # (B,)
+    nll_pos = nll_pos.index_copy(0, query[is_pos], nll[is_pos])  # (B,) 0 for others' queries
+    gap = nll[~is_pos] - nll_pos[query[~is_pos]]  # (N - B,) < 0: wrong order
+    hard = torch.tensor([k == "hard" for k in kind], device=dev)[~is_pos]  # (N - B,)
     terms = {
         "pointwise": nll_pos.sum() / queries,
-        "hinge": hinge.sum() / negatives,
-        "active": (hinge > 0).sum() / negatives,
-        "accuracy": (gap[hard] < 0).sum() / max(hard_pairs, 1),
+        "accuracy": (gap[hard] > 0).sum() / max(hard_pairs, 1),
+        "nll_hard": nll[~is_pos][hard].sum() / max(hard_pairs, 1),
+        "nll_in_batch": nll[~is_pos][~hard].sum() / max(in_batch_pairs, 1),
+        "gap_hard": gap[hard].sum() / max(hard_pairs, 1),
+        "gap_in_batch": gap[~hard].sum() / max(in_batch_pairs, 1),
     }
-    return pointwise_weight * terms["pointwise"] + terms["hinge"], terms
+    if tc.loss == "paper":
+        hinge = F.relu(tc.margin - gap)  # (N - B,)
+        negatives = hard_pairs + in_batch_pairs
+        terms.update(hinge=hinge.sum() / negatives, active=(hinge > 0).sum() / negatives)
+        return tc.pointwise_weight * terms["pointwise"] + terms["hinge"], terms
+    summed = scores * lengths  # (N,) log p(q | d) summed over the query's targets
+    listwise = []
+    for i in query.unique():  # a query's positive comes first among its pairs (list_pairs)
+        mine = summed[query == i]  # (1 + m,)
+        listwise.append(mine.logsumexp(0) - mine[0])
+    terms["listwise"] = torch.stack(listwise).sum() / queries
+    return tc.pointwise_weight * terms["pointwise"] + terms["listwise"], terms
 
 
 def batch_counts(pairs):
-    """(queries, negative pairs, hard-negative pairs) of a list of pairs."""
+    """(queries, own-negative pairs, in-batch pairs) of a list of pairs."""
     kinds = Counter(k for _, _, k in pairs)
-    return kinds["positive"], kinds["hard"] + kinds["in-batch"], kinds["hard"]
+    return kinds["positive"], kinds["hard"], kinds["in-batch"]
 
 
-def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1)):
+def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1), epoch=0):
     """The loss of one batch (and its diagnostics) through the fast path: each passage's
     keys/values computed once. With share (r, n), only the pairs of queries r, r + n, ... (process
     r of n under torchrun), each with the whole batch's negatives, and the sums divided by the
     whole batch's counts: the n shares add up to the whole batch's loss."""
-    pairs = batch_pairs(batch)
+    if tc.loss == "paper":
+        pairs = batch_pairs(batch)
+    else:
+        pairs = list_pairs(batch, tc.list_negatives, tc.seed, epoch)
     counts = batch_counts(pairs)
     pairs = [p for p in pairs if p[0] % share[1] == share[0]]
     if not pairs:  # more processes than queries: a zero loss that still reaches every parameter
         device = llm.tok_embeddings.weight.device
         trainable = (p.sum() for p in reranker.parameters() if p.requires_grad)
         zero = sum(trainable, torch.zeros((), device=device)) * 0.0  # ()
-        return zero, {k: zero.detach() for k in ("pointwise", "hinge", "active", "accuracy")}
+        return zero, {k: zero.detach() for k in LOSS_TERMS[tc.loss]}
     docids = sorted({d for _, d, _ in pairs})
     row = {d: i for i, d in enumerate(docids)}
     # each distinct passage once; gradients only reach the prefix through the soft prompt
@@ -126,7 +168,12 @@ def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1)):
     queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs]
     passages = [tokens.passages[d] for _, d, _ in pairs]
     scores = score_pairs(llm, template, reranker, prefix, rows, queries, passages)  # (N,)
-    return ranking_loss(scores, pairs, tc.margin, tc.pointwise_weight, counts)
+    lengths = torch.tensor([len(q) + 1 for q in queries], device=scores.device)  # (N,) query + eos
+    return ranking_loss(scores, pairs, tc, lengths, counts)
+
+
+DIAGNOSTICS = ["pointwise", "accuracy", "nll_hard", "nll_in_batch", "gap_hard", "gap_in_batch"]
+LOSS_TERMS = {"paper": DIAGNOSTICS + ["hinge", "active"], "listwise": DIAGNOSTICS + ["listwise"]}
 
 
 class TrainingLoss(nn.Module):
@@ -137,16 +184,18 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.reranker = reranker
 
-    def forward(self, llm, template, batch, tokens, tc):
+    def forward(self, llm, template, batch, tokens, tc, epoch):
         """The loss of this process's share of `batch` and its diagnostics (batch_loss)."""
-        return batch_loss(llm, template, self.reranker, batch, tokens, tc, (rank(), world()))
+        share = (rank(), world())
+        return batch_loss(llm, template, self.reranker, batch, tokens, tc, share, epoch)
 
 
 @dataclass
 class DevSet:
-    """What a dev check looks at: loss terms on (query, positive, hard negative) batches, and a
-    ranking metric on the first-stage candidates of the same queries (complete labels where the
-    dataset has them: msmarco_small's dev.graded)."""
+    """What a dev check looks at: loss terms and NLL diagnostics on (query, positive, hard
+    negative) batches, and ranking measures on the first-stage candidates of the same queries
+    (complete labels where the dataset has them: msmarco_small's dev.graded). `fit` holds a fixed
+    set of train queries, ranked the same way: training-set fit beside dev generalisation."""
 
     split: str
     batches: list  # lists of TrainExamples
@@ -155,6 +204,7 @@ class DevSet:
     qrels: dict
     level: int  # relevance level of the binary measures
     prefixes: dict = field(default_factory=dict)  # passage keys/values: first check, reused after
+    fit: "DevSet | None" = None  # train queries (no batches)
 
 
 SELECT_ON = "ndcg_cut_10"  # the dev measure that picks the module and drives early stopping
@@ -163,34 +213,71 @@ SELECT_ON = "ndcg_cut_10"  # the dev measure that picks the module and drives ea
 @torch.no_grad()
 def dev_check(llm, template, reranker, dev, tc, tokens, token_budget=4096):
     """Dev diagnostics of the module as it is now, with dropout off: the mean loss terms over the
-    dev batches and the trec_eval means on the dev candidates. The same on every process."""
+    dev batches, the trec_eval means and the pairwise accuracy on the dev candidates, and the
+    same ranking measures on the fit queries (prefixed fit_). The loss terms always use the
+    paper's pairs (in-batch negatives included), whatever the training loss: the NLL gaps then
+    compare across losses. The same on every process."""
     reranker.eval()
     record = {}
+    paper = replace(tc, loss="paper")
     for batch in dev.batches:  # each process its share of every batch; the shares add up
-        loss, terms = batch_loss(
-            llm, template, reranker, batch, tokens, tc, share=(rank(), world())
-        )
+        share = (rank(), world())
+        loss, terms = batch_loss(llm, template, reranker, batch, tokens, paper, share)
         for name, value in {"dev_loss": loss, **terms}.items():
             record[name] = record.get(name, 0.0) + value.item() / len(dev.batches)
     shares = gather(record)
     record = {name: sum(share[name] for share in shares) for name in record}
+    record.update(rank_check(llm, template, reranker, dev, tokens, token_budget))
+    if dev.fit is not None:
+        fit = rank_check(llm, template, reranker, dev.fit, tokens, token_budget)
+        record.update({f"fit_{m}": fit[m] for m in (SELECT_ON, "pairwise")})
+    return {k: v if v is None else round(v, 6) for k, v in record.items()}
+
+
+def rank_check(llm, template, reranker, checked, tokens, token_budget):
+    """trec_eval means and the pairwise accuracy of the module on a DevSet's candidates."""
     # the frozen prefix's keys/values do not change with training; the soft prompt's do
-    cached = dev.prefixes if reranker.cfg.method != "prompt" else None
+    cached = checked.prefixes if reranker.cfg.method != "prompt" else None
     scores, _ = rerank(
-        llm, template, {"m": reranker}, dev.candidates, tokens, token_budget, None, cached
+        llm, template, {"m": reranker}, checked.candidates, tokens, token_budget, None, cached
     )
-    per_query = evaluate_run(with_tail(scores["m"], dev.first_stage), dev.qrels, dev.level)
-    record.update(ir.summarize(per_query))
-    return {k: round(v, 6) for k, v in record.items()}
+    run = with_tail(scores["m"], checked.first_stage)
+    per_query = evaluate_run(run, checked.qrels, checked.level)
+    pairwise = pairwise_accuracy(scores["m"], checked.qrels, checked.level)
+    return {**ir.summarize(per_query), "pairwise": pairwise}
+
+
+def pairwise_accuracy(scores, qrels, level):
+    """Mean over queries of the share of (relevant, judged non-relevant) pairs among a query's
+    scored candidates that the scores put in the right order, a tie counting half: every judged
+    negative of the reranked list, not one. Queries without such a pair are left out; None when
+    none has one (msmarco train judges only positives)."""
+    shares = []
+    for qid, scored in scores.items():
+        judged = qrels.get(qid, {})
+        pos = [s for d, s in scored.items() if judged.get(d, 0) >= level]
+        neg = [s for d, s in scored.items() if d in judged and judged[d] < level]
+        if pos and neg:
+            right = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+            shares.append(right / (len(pos) * len(neg)))
+    return sum(shares) / len(shares) if shares else None
 
 
 def dev_line(record):
+    """One log line of a dev check: the dev loss, its terms and NLL gaps, the ranking measures."""
+    fit = record.get(f"fit_{SELECT_ON}")
     return (
         f"dev loss {record['dev_loss']:.4f} (pointwise {record['pointwise']:.4f}, hinge "
-        f"{record['hinge']:.4f}, active hinges {record['active']:.2f}), pairwise accuracy "
-        f"{record['accuracy']:.3f}, nDCG@10 {record['ndcg_cut_10']:.4f}, "
-        f"HR@5 {record['success_5']:.4f}"
+        f"{record['hinge']:.4f}, active hinges {record['active']:.2f}), NLL gap to hard / "
+        f"in-batch negatives {record['gap_hard']:+.3f} / {record['gap_in_batch']:+.3f}, pairwise "
+        f"accuracy {record['accuracy']:.3f} (all judged: {number(record['pairwise'])}), nDCG@10 "
+        f"{record['ndcg_cut_10']:.4f}, HR@5 {record['success_5']:.4f}"
+        + (f"; train fit nDCG@10 {fit:.4f}" if fit is not None else "")
     )
+
+
+def number(value):
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def train(
@@ -198,9 +285,12 @@ def train(
 ):
     """AdamW on the trainable parameters (fp32, like their optimizer state), early stopping on the
     dev ranking measure SELECT_ON; the module of the best dev check is kept, the untrained one
-    (step 0) included. With `resume`, continues from out/{name}.resume.json + .safetensors
-    (written at every dev check; out None: no files). `name` (default: the method) names the files
-    and log lines of this run."""
+    (step 0) included. Training runs tc.epochs passes over the train queries (else tc.steps
+    steps), with a dev check every tc.eval_every steps (0: every epoch); each check's record is
+    appended to out/{name}.checks.jsonl as it is made. With `resume`, continues exactly (same
+    batches, dropout masks and AdamW state) from out/{name}.resume.json + .safetensors, written
+    every tc.save_every steps and at every check (out None: no files). `name` (default: the
+    method) names the files and log lines of this run."""
     method = reranker.cfg.method
     name = name or method
     # No weight decay on E': AdamW's decay would shrink all of its ~49k rows at every step, while a
@@ -226,8 +316,11 @@ def train(
     resume_files = (
         (out / f"{name}.resume.json", out / f"{name}.resume.safetensors") if out else None
     )
+    # what a resumed run must share with the interrupted one: module, training, data
+    examples = hashlib.sha256(json.dumps([asdict(e) for e in train_examples]).encode())
+    resume_config = [asdict(reranker.cfg), asdict(tc), examples.hexdigest()]
     if resume and resume_files and resume_files[0].exists():
-        state = load_resume(resume_files, reranker, optimizer, [asdict(reranker.cfg), asdict(tc)])
+        state = load_resume(resume_files, reranker, optimizer, resume_config)
         log(f"{name}: resumed at step {state['step']} from {resume_files[0]}")
     else:  # the untrained module is the first candidate: training must beat it on dev
         record = dev_check(llm, template, reranker, dev, tc, tokens)
@@ -238,12 +331,18 @@ def train(
             "best_dev": record,
             "bad_checks": 0,
             "history": [{"step": 0, **record}],
+            "since_check": [0.0, 0.0, 0],  # train loss and accuracy sums, steps
         }
         log(f"{name}: step 0 (untrained) {dev_line(record)}")
-    per_epoch = max(1, len(train_examples) // tc.queries_per_batch)
-    steps = range(state["step"], tc.steps)
+    per_epoch = max(1, len(train_examples) // tc.queries_per_batch)  # a last small batch: next
+    total = tc.epochs * per_epoch if tc.epochs else tc.steps
+    check_every = tc.eval_every or per_epoch
     bar = tqdm(
-        steps, desc=f"train {name}", initial=state["step"], total=tc.steps, disable=rank() > 0
+        range(state["step"], total),
+        desc=f"train {name}",
+        initial=state["step"],
+        total=total,
+        disable=rank() > 0,
     )
     for step in bar:
         if state["bad_checks"] >= tc.patience:
@@ -257,33 +356,42 @@ def train(
                 train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch
             )
         reranker.train()
-        loss, terms = model(llm, template, epoch_batches[index], tokens, tc)
+        loss, terms = model(llm, template, epoch_batches[index], tokens, tc, epoch)
         (loss * world()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if world() > 1:  # the whole batch's loss and active hinges: the sum of the shares
-            loss, active = (sum(v) for v in zip(*gather((loss.item(), terms["active"].item()))))
-        else:
-            loss, active = loss.item(), terms["active"].item()
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
+        # the whole batch's loss and pairwise accuracy: the sum of the processes' shares
+        loss, accuracy = (sum(v) for v in zip(*gather((loss.item(), terms["accuracy"].item()))))
+        state["since_check"] = [a + b for a, b in zip(state["since_check"], (loss, accuracy, 1))]
+        state["step"] = step + 1
+        bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
+        checks = state["step"] % check_every == 0 or state["step"] == total
+        if checks:
             record = dev_check(llm, template, reranker, dev, tc, tokens)
-            train_record = {"train_loss": round(loss, 6), "train_active": round(active, 4)}
-            state["history"].append({"step": step + 1, **train_record, **record})
+            loss_sum, accuracy_sum, n = state["since_check"]
+            train_record = {
+                "epoch": round(state["step"] / per_epoch, 3),
+                "train_loss": round(loss_sum / n, 6),  # the mean over the steps since the last
+                "train_accuracy": round(accuracy_sum / n, 4),
+            }
+            state["history"].append({"step": state["step"], **train_record, **record})
+            state["since_check"] = [0.0, 0.0, 0]
             improved = record[SELECT_ON] > state["best_dev"][SELECT_ON]
             log(
-                f"{name}: step {step + 1} train loss {loss:.4f}, {dev_line(record)}"
+                f"{name}: step {state['step']} (epoch {train_record['epoch']:g}) train loss "
+                f"{train_record['train_loss']:.4f}, {dev_line(record)}"
                 + (" (best)" if improved else "")
             )
             if improved:
-                state.update(best_dev=record, best_step=step + 1, bad_checks=0, best=snapshot())
+                best = {"best_dev": record, "best_step": state["step"], "best": snapshot()}
+                state.update(bad_checks=0, **best)
             else:
                 state["bad_checks"] += 1
-            state["step"] = step + 1
-            if rank() == 0 and resume_files:
-                save_resume(
-                    resume_files, reranker, optimizer, state, [asdict(reranker.cfg), asdict(tc)]
-                )
+        if rank() == 0 and out and (checks or state["step"] % tc.save_every == 0):
+            save_resume(resume_files, reranker, optimizer, state, resume_config)
+            if checks:  # the per-check record as it goes, one JSON line per check
+                history = "".join(json.dumps(h) + "\n" for h in state["history"])
+                atomic_save(lambda f: Path(f).write_text(history), out / f"{name}.checks.jsonl")
     bar.close()
     reranker.load_state_dict(state["best"])
     best = state["best_dev"][SELECT_ON]
@@ -351,10 +459,11 @@ def load_resume(files, reranker, optimizer, config):
     return {**meta["state"], "best": {k: v.to(device) for k, v in part["best"].items()}}
 
 
-def make_dev_set(dataset, tc):
-    """The dev queries a training run is checked on: the first `dev_queries` of the completely
-    judged split where there is one (dev.graded), else of dev; the loss terms use those of them
-    that have a positive and a hard negative."""
+def make_dev_set(dataset, tc, train_set=None, train_examples=()):
+    """The dev queries a training run is checked on: the first `dev_queries` (0: all) of the
+    completely judged split where there is one (dev.graded), else of dev; the loss terms use those
+    of them that have a positive and a hard negative. With train_set, its fit set too: the first
+    `fit_queries` of train_examples, ranked at the same depth."""
     if "dev" not in dataset.splits:
         raise ValueError(
             f"{dataset.path} has no dev split (qrels/dev.tsv), needed to choose the "
@@ -362,7 +471,7 @@ def make_dev_set(dataset, tc):
         )
     split = "dev.graded" if "dev.graded" in dataset.splits else "dev"
     first_stage = dataset.first_stage(split, 1000)
-    qids = [q for q in dataset.qrels[split] if first_stage[q]][: tc.dev_queries]
+    qids = [q for q in dataset.qrels[split] if first_stage[q]][: tc.dev_queries or None]
     examples = [e for e in data.training_examples(dataset, split, seed=0) if e.qid in qids]
     dev = DevSet(
         split,
@@ -375,6 +484,17 @@ def make_dev_set(dataset, tc):
     if not dev.batches:
         raise ValueError(
             f"{dataset.name}: the {split} split has no query with a positive and a hard negative"
+        )
+    if train_set is not None and tc.fit_queries:
+        fit_qids = [e.qid for e in train_examples[: tc.fit_queries]]
+        ranked = train_set.first_stage("train", 1000)
+        dev.fit = DevSet(
+            "train",
+            [],
+            {q: list(ranked[q])[: tc.dev_depth] for q in fit_qids},
+            {q: ranked[q] for q in fit_qids},
+            {q: train_set.qrels["train"][q] for q in fit_qids},
+            train_set.relevance_level("train"),
         )
     return dev
 
@@ -398,14 +518,19 @@ def training_inputs(dataset, extra_train, tc, seeds, train_queries=0):
                 f"{train_set.name}: the train split has no query with a positive and "
                 f"a hard negative"
             )
-    dev = make_dev_set(dataset, tc)
+    # the fit queries: the same for every seed (the examples keep the qrels' order)
+    dev = make_dev_set(dataset, tc, train_set, examples[seeds[0]])
     passages, queries = {}, {}
     for e in [e for ex in examples.values() for e in ex] + [e for b in dev.batches for e in b]:
-        for docid in (e.positive_docid, e.hard_negative_docid):
+        listed = e.list_negatives if tc.loss == "listwise" else ()
+        for docid in (e.positive_docid, e.hard_negative_docid, *listed):
             passages[docid] = train_set.corpus[docid]
         queries[e.qid] = train_set.queries[e.qid]
-    passages.update({d: dataset.corpus[d] for docs in dev.candidates.values() for d in docs})
-    queries.update({q: dataset.queries[q] for q in dev.candidates})
+    for checked, texts in ((dev, dataset), (dev.fit, train_set)):
+        if checked is not None:
+            ranked = {d for docs in checked.candidates.values() for d in docs}
+            passages.update({d: texts.corpus[d] for d in ranked})
+            queries.update({q: texts.queries[q] for q in checked.candidates})
     return examples, dev, passages, queries
 
 

@@ -13,6 +13,7 @@ from data import (
     TrainExample,
     bm25_tokens,
     hard_negative_pool,
+    list_negative_pool,
     load_dataset,
     merge_datasets,
     ranked,
@@ -245,6 +246,26 @@ def test_hard_negative_pool_by_hand():
     assert hard_negative_pool(ds, "q3", {"d12": 1}, ranking) == ("band", band)
     # q4: a list too short to reach rank 11: any unjudged top-20 hit
     assert hard_negative_pool(ds, "q4", {"d1": 1}, ranking[:3]) == ("top-20", ["d2", "d3"])
+
+
+def test_list_negative_pool_by_hand():
+    """The listwise pool takes every kind of evidence at once, each negative once."""
+    ranking = [f"d{i}" for i in range(1, 25)]
+    ds = SimpleNamespace(
+        official_negatives={"q1": ["x", "d12", "gone"]}, corpus={"x"} | set(ranking)
+    )
+    band = ["d11", "d13", "d14", "d15", "d16", "d17", "d18", "d19", "d20"]
+    # official x and d12 (d12 is in the band too: listed once), the judged-0 d3 (d30 is below
+    # the top 20, the judged-relevant d2 is no negative), then the band
+    pool = list_negative_pool(ds, "q1", {"d2": 1, "d3": 0, "d30": 0}, ranking)
+    assert pool == ["x", "d12", "d3", "d11"] + band[1:]
+    # nq_small: every candidate judged; the answer-free top-20 hits and nothing judged relevant
+    judged = {d: int(d in ("d1", "d5")) for d in ranking}
+    assert list_negative_pool(ds, "q2", judged, ranking) == [
+        d for d in ranking[:20] if d not in ("d1", "d5")
+    ]
+    # a list too short to reach rank 11: its unjudged hits
+    assert list_negative_pool(ds, "q3", {"d1": 1}, ranking[:3]) == ["d2", "d3"]
 
 
 def test_training_examples_skips_queries_without_negative(tmp_path, capsys):

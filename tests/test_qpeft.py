@@ -4,9 +4,11 @@ random Llama (with resume), and a smoke test with the real SmolLM2. About 15 s o
 
 import ast
 import json
+import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -364,6 +366,12 @@ def test_batch_loss_by_hand(monkeypatch):
     assert terms["active"].item() == pytest.approx(3 / 6)
     # own hard negatives: q1 puts a (NLL 0.8) above A (1.0), wrong; q2 B (2.0) above b (2.2), right
     assert terms["accuracy"].item() == pytest.approx(0.5)
+    # diagnostics: NLL of hard negatives (0.8 + 2.2) / 2, of in-batch ones (1.6+2.5+3.5+1.7) / 4;
+    # gaps NLL(d-) - NLL(d+): hard (-0.2 + 0.2) / 2, in-batch (0.6 + 1.5 + 1.5 - 0.3) / 4
+    assert terms["nll_hard"].item() == pytest.approx(1.5)
+    assert terms["nll_in_batch"].item() == pytest.approx(2.325)
+    assert terms["gap_hard"].item() == pytest.approx(0.0, abs=1e-6)
+    assert terms["gap_in_batch"].item() == pytest.approx(0.825)
     # dL/ds: a positive gets -1/2 (mean NLL over 2 queries) - 1/6 per active hinge (mean over 6
     # negatives); a negative +1/6 when its hinge is active, else 0
     loss.backward()
@@ -388,6 +396,96 @@ def test_batch_loss_by_hand(monkeypatch):
     grad = dict(zip(pairs[1], scored[1].grad.tolist()))
     assert grad[("q1", "A")] == pytest.approx(-1 / 6) and grad[("q2", "B")] == pytest.approx(-2 / 6)
     assert grad[("q1", "B")] == 0.0 and grad[("q2", "A")] == 0.0
+
+
+def test_listwise_loss_by_hand(monkeypatch):
+    """The listwise loss on known numbers: each query meets only its positive and its own
+    first-stage negatives (no in-batch ones), softmax over the *summed* log-likelihoods."""
+    tokens = TokenIds(
+        queries={"q1": [1, 5], "q2": [2]},  # 3 and 2 targets (the query's tokens + eos)
+        passages={d: [10 + i] for i, d in enumerate(["A", "a1", "a2", "B", "b1", "b2"])},
+    )
+    name = {tuple(v): k for k, v in {**tokens.queries, **tokens.passages}.items()}
+    s = {  # mean log-probs per token
+        ("q1", "A"): -1.0,
+        ("q1", "a1"): -0.8,
+        ("q1", "a2"): -2.0,
+        ("q2", "B"): -2.0,
+        ("q2", "b1"): -2.5,
+        ("q2", "b2"): -1.5,
+    }
+    scored, pairs = [], []
+
+    def fake_score_pairs(llm, template, reranker, prefix, rows, queries, passages):
+        pairs.append([(name[tuple(q)], name[tuple(p)]) for q, p in zip(queries, passages)])
+        scored.append(torch.tensor([s[k] for k in pairs[-1]], requires_grad=True))
+        return scored[-1] * 1
+
+    monkeypatch.setattr(train, "score_pairs", fake_score_pairs)
+    monkeypatch.setattr(train, "encode_prefixes", lambda *args: None)
+    reranker = SimpleNamespace(cfg=SimpleNamespace(method="qpeft-a"))
+    batch = [
+        TrainExample("q1", "A", "a1", list_negatives=("a1", "a2")),
+        TrainExample("q2", "B", "b1", list_negatives=("b1", "b2")),
+    ]
+    tc = TrainConfig(loss="listwise", list_negatives=2)
+    loss, terms = batch_loss(None, None, reranker, batch, tokens, tc)
+    assert sorted(pairs[0]) == sorted(s)  # no in-batch pair: B is no negative of q1
+    # summed log-likelihoods S = mean x targets: q1 A -3, a1 -2.4, a2 -6; q2 B -4, b1 -5, b2 -3
+    ce1 = math.log(math.exp(-3) + math.exp(-2.4) + math.exp(-6)) + 3  # 1.0550
+    ce2 = math.log(math.exp(-4) + math.exp(-5) + math.exp(-3)) + 4  # 1.4076
+    assert terms["listwise"].item() == pytest.approx((ce1 + ce2) / 2, abs=1e-6)
+    assert terms["pointwise"].item() == pytest.approx(1.5)  # mean NLL of A (1.0) and B (2.0)
+    assert loss.item() == pytest.approx(1.5 + (ce1 + ce2) / 2, abs=1e-6)
+    # a1 above A (wrong), a2 below (right); b1 below B (right), b2 above (wrong)
+    assert terms["accuracy"].item() == pytest.approx(0.5)
+    assert terms["gap_hard"].item() == pytest.approx((-0.2 + 1.0 + 0.5 - 0.5) / 4)
+    # dL/ds_j = (targets / 2 queries) (softmax_j - [j is the positive]), and -1/2 more for a
+    # positive from the pointwise term
+    loss.backward()
+    grad = dict(zip(pairs[0], scored[0].grad.tolist()))
+    for q, targets, summed in (
+        ("q1", 3, {"A": -3, "a1": -2.4, "a2": -6}),
+        ("q2", 2, {"B": -4, "b1": -5, "b2": -3}),
+    ):
+        total = sum(math.exp(v) for v in summed.values())
+        for d, v in summed.items():
+            positive = d in ("A", "B")
+            expected = targets / 2 * (math.exp(v) / total - positive) - 0.5 * positive
+            assert grad[(q, d)] == pytest.approx(expected, abs=1e-6), (q, d)
+
+
+def test_list_pairs_draw_m_negatives_per_epoch():
+    """m of a query's pool, the same for the same seed and epoch, drawn anew each epoch; a query
+    whose pool is empty (a first stage too short) falls back on its hard negative."""
+    pool = tuple(f"n{i}" for i in range(10))
+    batch = [TrainExample("q1", "p1", "n0", list_negatives=pool), TrainExample("q2", "p2", "x")]
+    pairs = train.list_pairs(batch, 3, seed=0, epoch=0)
+    assert pairs[0] == (0, "p1", "positive") and pairs[-2:] == [
+        (1, "p2", "positive"),
+        (1, "x", "hard"),
+    ]
+    drawn = [d for i, d, kind in pairs if i == 0 and kind == "hard"]
+    assert len(set(drawn)) == 3 and set(drawn) <= set(pool)
+    assert train.list_pairs(batch, 3, seed=0, epoch=0) == pairs
+    epochs = {tuple(train.list_pairs(batch, 3, seed=0, epoch=e)[1:4]) for e in range(5)}
+    assert len(epochs) > 1
+    assert len(train.list_pairs(batch, 50, seed=0, epoch=0)) == 1 + 10 + 2  # at most the pool
+
+
+def test_pairwise_accuracy_by_hand():
+    scores = {
+        "q1": {"a": 3.0, "b": 1.0, "c": 2.0, "d": 2.5},  # d unjudged: not a negative
+        "q2": {"a": 1.0, "b": 1.0, "c": 0.5},
+        "q3": {"a": 1.0, "x": 0.0},  # no judged negative: left out
+    }
+    qrels = {"q1": {"a": 1, "b": 0, "c": 0}, "q2": {"a": 1, "b": 0, "c": 1}, "q3": {"a": 1}}
+    # q1: a above b and c, 2 of 2; q2: a ties b (half), c below b: 0.5 of 2 pairs
+    assert train.pairwise_accuracy(scores, qrels, 1) == pytest.approx((1.0 + 0.25) / 2)
+    assert train.pairwise_accuracy({"q3": scores["q3"]}, qrels, 1) is None
+    # at relevance level 2 (TREC DL) grade 1 is a negative: q2 has no positive left
+    graded = {"q1": {"a": 2, "b": 1, "c": 0}, "q2": {"a": 1, "b": 0}}
+    assert train.pairwise_accuracy(scores, graded, 2) == 1.0
 
 
 def test_batch_pairs_counts_each_negative_once():
@@ -510,6 +608,9 @@ def dev_record(value):
         "hinge": 0.0,
         "active": 0.0,
         "accuracy": 0.5,
+        "gap_hard": 0.1,
+        "gap_in_batch": 0.2,
+        "pairwise": None,
         train.SELECT_ON: value,
         "success_5": value,
     }
@@ -876,7 +977,7 @@ def test_main_end_to_end_then_rerank_with_the_adapter(tiny_dir, tmp_path):
         assert [h["step"] for h in saved["training"]["history"] if "train_loss" in h] == [1, 2]
     assert not (out / "zeroshot").exists()
     log = (out / "log.txt").read_text()
-    assert "qpeft-a: step 2 train loss" in log and "nDCG@10" in log
+    assert "qpeft-a: step 2 (epoch 1) train loss" in log and "nDCG@10" in log
     # metrics.json: {method: {split: {measure: value}}}, plus {method: {"training": {...}}} for the
     # trained methods
     metrics = json.loads((out / "metrics.json").read_text())
@@ -1186,7 +1287,7 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     resumed = load_file(out / "qpeft-a" / "adapter_model.safetensors")
     uninterrupted = load_file(tmp_path / "straight" / "qpeft-a" / "adapter_model.safetensors")
     for name in uninterrupted:
-        assert torch.allclose(resumed[name], uninterrupted[name], atol=1e-6, rtol=0), name
+        assert torch.equal(resumed[name], uninterrupted[name]), name
     # --resume after a finished run reuses the saved adapter: it does not train further
     cli.main(args + ["--out", str(out), "--resume", "--steps", "6"])
     assert "qpeft-a: reusing trained adapter" in (out / "log.txt").read_text()
@@ -1199,6 +1300,85 @@ def test_resume_continues_from_the_saved_step(tiny_dir, tmp_path, monkeypatch, d
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args + ["--out", str(out), "--resume", "--seed", "1"])
     assert exit_info.value.code == 2 and "'seed': 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["paper", "listwise"])
+def test_resume_between_dev_checks_is_bit_exact(tiny, tmp_path, monkeypatch, loss):
+    """2 epochs of 4 one-query steps, a dev check per epoch, a resume checkpoint every step: cut
+    off in step 6, between the checks of steps 4 and 8, and resumed, training ends with the very
+    tensors of the uninterrupted run (fp32, dropout on: its masks continue) and the same record,
+    written to {name}.checks.jsonl check by check."""
+    llm, tokenizer, template = tiny
+    examples, dev_examples, tokens = small_training_set(tokenizer)
+    examples = [replace(e, list_negatives=("n1", "n2", "p1")) for e in examples]
+    dev = tiny_dev_set(dev_examples)
+    dev.fit = train.DevSet(
+        "train",
+        [],
+        {"t3": ["p3", "n1"]},
+        {"t3": {"p3": 2.0, "n1": 1.0}},
+        {"t3": {"p3": 1, "n1": 0}},
+        1,
+    )
+    tc = TrainConfig(
+        loss=loss,
+        epochs=2,
+        queries_per_batch=1,
+        eval_every=0,
+        save_every=1,
+        list_negatives=2,
+        patience=5,
+    )
+
+    messages = []
+
+    def run(out, resume=False):
+        out.mkdir(exist_ok=True)
+        torch.manual_seed(0)
+        reranker = make_reranker("qpeft-a", llm, template)
+        return train.train(
+            llm, template, reranker, examples, dev, tokens, tc, out, messages.append, resume
+        )
+
+    straight, straight_state = run(tmp_path / "straight")
+    assert [h["step"] for h in straight_state["history"]] == [0, 4, 8]
+    assert [h.get("epoch") for h in straight_state["history"]] == [None, 1, 2]
+
+    class Interrupted(Exception):
+        pass
+
+    real_loss, calls = train.batch_loss, []
+
+    def crash_in_step_6(*args, **kwargs):
+        if torch.is_grad_enabled():  # a training step, not a dev check
+            calls.append(1)
+            if len(calls) == 6:
+                raise Interrupted
+        return real_loss(*args, **kwargs)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(train, "batch_loss", crash_in_step_6)
+    with pytest.raises(Interrupted):
+        run(out)
+    checks = [json.loads(line) for line in (out / "qpeft-a.checks.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in checks] == [0, 4]  # written as it went
+    monkeypatch.setattr(train, "batch_loss", real_loss)
+    resumed, state = run(out, resume=True)
+    assert any(
+        m.startswith("qpeft-a: resumed at step 5 ") for m in messages
+    )  # after step 5's checkpoint, not a check's
+    assert state["history"] == straight_state["history"]
+    for name, tensor in qpeft.trainable_state(straight).items():
+        assert torch.equal(qpeft.trainable_state(resumed)[name], tensor), name
+    checks = [json.loads(line) for line in (out / "qpeft-a.checks.jsonl").read_text().splitlines()]
+    assert checks == state["history"]
+    # the records hold the diagnostics: NLL gaps, all-pairs accuracy, training-set fit
+    for key in ("gap_hard", "gap_in_batch", "nll_hard", "pairwise", "fit_ndcg_cut_10"):
+        assert key in checks[-1], key
+    # resuming with other training data is refused: that run's batches would not be these
+    with pytest.raises(ValueError, match="other settings"):
+        examples = examples[:3]
+        run(out, resume=True)
 
 
 def test_cut_to_counts_what_it_cuts():
@@ -1263,6 +1443,12 @@ def test_unknown_method_is_a_clean_usage_error(capsys):
         cli.main(["--data", "anything", "--methods", "zeroshot,bogus"])
     assert exit_info.value.code == 2
     assert "unknown method 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--data", "anything", "--loss", "pairwise"])
+    assert exit_info.value.code == 2
+    assert (
+        "--loss: unknown loss 'pairwise' (choose from paper, listwise)" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
@@ -1271,9 +1457,11 @@ def test_unknown_method_is_a_clean_usage_error(capsys):
         (["--depth", "-1"], "--depth: -1 is out of range (must be >= 1)"),
         (["--max-passage-tokens", "0"], "--max-passage-tokens: 0 is out of range"),
         (["--train-queries", "-1"], "--train-queries: -1 is out of range (must be >= 0)"),
-        (["--eval-every", "0"], "--eval-every: 0 is out of range"),
+        (["--eval-every", "-1"], "--eval-every: -1 is out of range (must be >= 0)"),
+        (["--save-every", "0"], "--save-every: 0 is out of range"),
+        (["--list-negatives", "0"], "--list-negatives: 0 is out of range"),
         (["--queries-per-batch", "0"], "--queries-per-batch: 0 is out of range"),
-        (["--dev-queries", "0"], "--dev-queries: 0 is out of range"),
+        (["--dev-queries", "-1"], "--dev-queries: -1 is out of range"),
         (["--dropout", "2"], "--dropout: 2.0 is out of range (must be >= 0.0 and < 1.0)"),
         (["--token-budget", "0"], "--token-budget: 0 is out of range"),
         (["--seeds", "0"], "--seeds: 0 is out of range"),
