@@ -154,7 +154,7 @@ def peak_memory(device):
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--data", default="msmarco_small")
@@ -175,7 +175,7 @@ def main():
         choices=sorted(SHAPES),
         help="random weights in this model's shape instead of --model's (its tokenizer is kept)",
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = qpeft.setup_device(args.device)
     if args.dtype == "auto":
         args.dtype = str(default_dtype(device))[len("torch.") :]
