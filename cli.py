@@ -634,6 +634,8 @@ def report(
     SD, and deltas with paired t-tests over queries on the per-query mean over seeds."""
     qrels, level = target.qrels[split], target.relevance_level(split)
     per_run = {name: evaluate_run(run, qrels, level) for name, run in runs.items()}
+    for name, values in per_run.items():  # what a table is recomputed from (results/README.md)
+        ir.write_per_query(out / f"{name}.{split}.per-query.tsv", values)
     per_query = {"bm25": per_run["bm25"]}
     per_query.update(
         {row: mean_over_seeds([per_run[n] for n in names]) for row, names in groups.items()}

@@ -123,6 +123,35 @@ def write_run(path, run, tag):
     atomic_save(lambda f: Path(f).write_text("".join(lines), encoding="utf-8"), path)
 
 
+def write_per_query(path, per_query):
+    """Per-query values as eval.py -q prints them ('measure<TAB>qid<TAB>value'), but with every
+    digit (repr): the values behind a table, small enough to keep in the repository."""
+    lines = [
+        f"{m}\t{qid}\t{value!r}\n"
+        for qid, values in per_query.items()
+        for m, value in values.items()
+    ]
+    atomic_save(lambda f: Path(f).write_text("".join(lines), encoding="utf-8"), path)
+
+
+def read_per_query(path):
+    """{qid: {measure: value}} from eval.py -q output or write_per_query (the 'all' lines, the
+    means, are left out: they are recomputed from the queries)."""
+    per_query = {}
+    for line_no, line in text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            measure, qid, value = fields
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{path}:{line_no}: expected 'measure qid value'") from None
+        if qid != "all":
+            per_query.setdefault(qid, {})[measure] = value
+    return per_query
+
+
 # -----------------------------------------------------------------------------
 # ranking
 
@@ -276,6 +305,28 @@ def paired_t_test(a, b):
         )
     t = mean_delta / (sd / math.sqrt(len(deltas)))
     return mean_delta, t, student_t_p_value(t, len(deltas) - 1)
+
+
+def t_quantile(level, df):
+    """The t that Student's t with df degrees of freedom exceeds in absolute value with
+    probability 1 - level (2.228 for level 0.95 and df 10), by bisection on the p-value."""
+    low, high = 0.0, 1.0
+    while student_t_p_value(high, df) > 1 - level:
+        high *= 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if student_t_p_value(middle, df) > 1 - level else (low, middle)
+    return (low + high) / 2
+
+
+def paired_confidence_interval(a, b, level=0.95):
+    """(low, high): the `level` confidence interval of the mean of b - a over their common
+    queries, from the same t distribution as paired_t_test."""
+    deltas = [b[qid] - a[qid] for qid in sorted(a.keys() & b.keys())]
+    if len(deltas) < 2:
+        raise ValueError(f"an interval needs at least 2 common queries, got {len(deltas)}")
+    half = t_quantile(level, len(deltas) - 1) * statistics.stdev(deltas) / math.sqrt(len(deltas))
+    return statistics.fmean(deltas) - half, statistics.fmean(deltas) + half
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """eval.py against trec_eval: the shared fixture cases, plus textbook cases to check by hand."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import eval as E  # the module eval.py, not the builtin eval()
+from conftest import ROOT
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # the checkout and `shared` sit side by side
@@ -238,6 +240,16 @@ def test_paired_t_test_by_hand():
     assert E.paired_t_test(b, b) == (0.0, 0.0, 1.0)  # identical runs: p = 1, not NaN
     with pytest.raises(ValueError, match="at least 2"):
         E.paired_t_test({"q1": 1.0}, {"q1": 2.0})
+    # 95 % interval: 2 +- t * sd / sqrt(3), t the 0.975 quantile of t(2): p(t) = 1 - t/sqrt(t^2+2)
+    # = 0.05 gives t^2 = 0.9025 (t^2 + 2), t = sqrt(1.805 / 0.0975) = 4.3027
+    half = math.sqrt(1.805 / 0.0975) / math.sqrt(3)
+    low, high = E.paired_confidence_interval(a, b)
+    assert low == pytest.approx(2 - half, abs=1e-9) and high == pytest.approx(2 + half, abs=1e-9)
+
+
+def test_t_quantiles_match_the_printed_tables():
+    for df, t in [(1, 12.7062), (10, 2.2281), (42, 2.0181), (299, 1.9679)]:
+        assert E.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------
@@ -301,3 +313,37 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path):
     out = run_cli(*args)
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.splitlines()) == 1 and expected in out.stderr, out.stderr
+
+
+def test_per_query_files_recompute_a_table(tmp_path, capsys):
+    """results/summarize.py on hand-made per-query files: a row over two seeds is averaged per
+    query before the paired test (the deltas are then 1, 2, 3, as in the t-test above)."""
+    zero = {"q1": {"ndcg_cut_10": 0.0}, "q2": {"ndcg_cut_10": 0.0}, "q3": {"ndcg_cut_10": 0.0}}
+    seeds = [
+        {q: {"ndcg_cut_10": v + shift} for q, v in zip(zero, (1, 2, 3))} for shift in (-0.5, 0.5)
+    ]
+    E.write_per_query(tmp_path / "zeroshot.test.per-query.tsv", zero)
+    for i, values in enumerate(seeds):
+        E.write_per_query(tmp_path / f"a{i}.tsv", values)
+        assert E.read_per_query(tmp_path / f"a{i}.tsv") == values  # every digit comes back
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "results" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    files = f"{tmp_path / 'a0.tsv'},{tmp_path / 'a1.tsv'}"
+    summarize.main(
+        [str(tmp_path / "zeroshot.test.per-query.tsv"), f"A={files}", "-m", "ndcg_cut_10"]
+    )
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    # seeds' means 1.5 and 2.5: 2.0000 ± 0.7071; delta 2, CI 2 -+ 2.4841, p 0.074, 3 queries
+    assert row == [
+        "A",
+        "2",
+        "2.0000",
+        "±",
+        "0.7071",
+        "+2.0000",
+        "[-0.4841,",
+        "+4.4841]",
+        "0.074",
+        "3",
+    ]
