@@ -968,6 +968,7 @@ def test_main_end_to_end_then_rerank_with_the_adapter(tiny_dir, tmp_path):
     methods = ["zeroshot", "qpeft-r", "qpeft-a"]
     for method in methods:
         assert (out / f"{method}.test.trec").exists()
+        assert (out / f"{method}.test.per-query.tsv").exists()
     for method in ("qpeft-r", "qpeft-a"):  # adapter folders, and no resume file left behind
         assert (out / method / "adapter_model.safetensors").exists()
         assert not (out / f"{method}.resume.json").exists()
