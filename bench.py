@@ -6,7 +6,7 @@ cuda` on a GPU, `--shape tinyllama-1.1b` or `llama2-7b` for random weights in th
 2. zero-shot and Q-PEFT-A scoring of msmarco_small test pairs: pairs/s, tokens/s, GFLOP/s, % of
    peak;
 3. Q-PEFT-A training steps: the fast path (passage keys/values computed once per batch, logits only
-   at query positions) against the naive one (every pair's full sequence, logits everywhere);
+   at query positions) against the naive one (qpeft.score: each pair's whole sequence on its own);
 4. if `transformers` is importable, the same pairs through LlamaForCausalLM, same dtype and batches;
 5. zero-shot scoring again with torch.compile'd blocks (qpeft.py --compile), where inductor works.
 Timings on shared machines are noisy: compare the ratios within one run, not across runs.
@@ -43,39 +43,6 @@ SHAPES = {
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008
     ),
 }
-
-
-def score_pairs_uncached(llm, template, reranker, queries, passages):
-    """What score_pairs computes, the slow way: every pair's whole sequence in one causal pass
-    and logits at every position. The reference in the tests and the baseline in bench.py."""
-    dev = llm.tok_embeddings.weight.device
-    dtype = llm.tok_embeddings.weight.dtype
-    hints = (
-        reranker.hint_block(llm, template, queries, passages)
-        if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a")
-        else [None] * len(queries)
-    )
-    sequences, first_target = [], []
-    for hint, q, p in zip(hints, queries, passages):
-        prefix = torch.cat(
-            [
-                qpeft.embed_head(llm, template, reranker),  # (S, D)
-                llm.tok_embeddings(torch.tensor(p + template.passage_close, device=dev)),
-            ]
-        )
-        text = llm.tok_embeddings(torch.tensor(template.question + q + [template.eos], device=dev))
-        sequences.append(
-            torch.cat([prefix] + ([hint.to(dtype)] if hint is not None else []) + [text])
-        )
-        first_target.append(len(sequences[-1]) - len(q) - 1)
-    x = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # (N, T, D) right-padded
-    h, _ = llm.hidden(x, torch.arange(x.shape[1], device=dev).expand(len(sequences), -1))
-    logprobs = torch.log_softmax(llm.logits(h), dim=-1)  # (N, T, V) float32
-    scores = []
-    for i, (q, start) in enumerate(zip(queries, first_target)):
-        target = torch.tensor(q + [template.eos], device=dev)
-        scores.append(logprobs[i, start - 1 + torch.arange(len(target), device=dev), target].mean())
-    return torch.stack(scores)
 
 
 def random_model(cfg, shape, dtype, device):
@@ -305,7 +272,9 @@ def main(argv=None):
                 pairs_ = train.batch_pairs(batch)
                 queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs_]
                 passages = [tokens.passages[d] for _, d, _ in pairs_]
-                scores = score_pairs_uncached(llm, template, reranker, queries, passages)
+                scores = torch.stack(  # the definition, one pair at a time
+                    [qpeft.score(llm, template, reranker, q, d) for q, d in zip(queries, passages)]
+                )
                 loss, _ = train.ranking_loss(scores, pairs_, paper)
             loss.backward()
             optimizer.step()

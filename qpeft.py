@@ -215,8 +215,70 @@ class Reranker(nn.Module):
             ]
             lengths = [len(b) for b in blocks]
             x = torch.cat(blocks)  # (sum h_i, D)
-        h = x + self.mlp(x) if self.cfg.residual_mlp else self.mlp(x)  # (sum h_i, D)
-        return list(h.split(lengths))
+        return list(self.hint_mlp(x).split(lengths))  # (h_i, D) each
+
+    def hint_mlp(self, x):
+        """H from the hint block's input vectors x (n, D): MLP(x), or x + MLP(x) (residual_mlp)."""
+        return x + self.mlp(x) if self.cfg.residual_mlp else self.mlp(x)
+
+
+# ---- The definition: one pair, one plain forward pass over its whole sequence ---------------
+def score(llm, template, reranker, query, passage):
+    """The score of one (query, passage) pair as method.md defines it, written plainly: embed
+
+        [bos] P "\nPassage:" " {passage}" " \n" H "Question: \n" {query} eos
+
+    (P the soft prompt for `prompt`; H the hint block of qpeft-r / qpeft-a, absent otherwise),
+    run the LLM over the whole sequence once, and average log p(token | everything before it)
+    over the query's tokens and eos. query, passage: token ids. Returns a float32 scalar. The fast
+    path below (encode_prefixes + score_pairs) computes the same for batches of pairs, sharing
+    what does not depend on the query; tests/test_qpeft.py checks that the two agree."""
+    dev = llm.tok_embeddings.weight.device
+    method = reranker.cfg.method if reranker is not None else "zeroshot"
+    E = llm.tok_embeddings  # the frozen table
+    pieces = [E(torch.tensor(template.prefix(passage), device=dev))]  # (S, D) P + passage
+    if method == "prompt":  # the trainable P in place of the instruction's embeddings
+        b, P = len(template.bos), len(template.prompt)
+        soft_prompt = reranker.soft_prompt.to(pieces[0].dtype)  # (P, D)
+        pieces[0] = torch.cat([pieces[0][:b], soft_prompt, pieces[0][b + P :]])
+    if method == "qpeft-r":  # H = MLP(E'("hints: "), E'(the k passage tokens nearest), E'("\n"))
+        hints = top_k_tokens(reranker, llm, query, passage, reranker.cfg.top_k)
+        ids = torch.tensor(template.hints_open + hints + template.hints_close, device=dev)
+        pieces.append(reranker.hint_mlp(reranker.embed_hint_ids(llm, ids)).to(pieces[0].dtype))
+    if method == "qpeft-a":  # H = MLP(E'("hints: "), attention(E'(query), E(passage)), E'("\n"))
+        keys = E(torch.tensor(passage, device=dev)).float()[None]  # (1, Ld, D)
+        queries = reranker.embed_hint_ids(llm, torch.tensor(query, device=dev))[None]  # (1, Lq, D)
+        attended, _ = reranker.attention(queries, keys, keys, need_weights=False)  # (1, Lq, D)
+        opening, closing = (
+            reranker.embed_hint_ids(llm, torch.tensor(ids, device=dev))
+            for ids in (template.hints_open, template.hints_close)
+        )
+        block = torch.cat([opening, attended[0], closing])  # (o + Lq + c, D)
+        pieces.append(reranker.hint_mlp(block).to(pieces[0].dtype))
+    targets = query + [template.eos]
+    pieces.append(E(torch.tensor(template.question + targets, device=dev)))
+    x = torch.cat(pieces)[None]  # (1, T, D)
+    h, _ = llm.hidden(x, torch.arange(x.shape[1], device=dev)[None])  # (1, T, D)
+    logprobs = llm.logits(h[0]).log_softmax(-1)  # (T, V) float32
+    # position t predicts token t + 1: the n targets are predicted at positions T-n-1 .. T-2
+    n, T = len(targets), x.shape[1]
+    at = logprobs[T - n - 1 : T - 1]  # (n, V)
+    return at.gather(1, torch.tensor(targets, device=dev)[:, None])[:, 0].mean()
+
+
+@torch.no_grad()
+def top_k_tokens(reranker, llm, query, passage, k):
+    """Q-PEFT-R's hint ids for one pair, plainly: each distinct passage token id scores the max
+    cosine between E'(any query token) and E(it); the k best ids, in score order, ties to the
+    earlier position. select_top_k does the same for a batch of pairs at once."""
+    dev = llm.tok_embeddings.weight.device
+    q = F.normalize(reranker.embed_hint_ids(llm, torch.tensor(query, device=dev)), dim=-1)
+    p = F.normalize(llm.tok_embeddings(torch.tensor(passage, device=dev)).float(), dim=-1)
+    best = (q @ p.T).max(dim=0).values.tolist() if query else [-1.0] * len(passage)  # (Ld,)
+    first = {}  # id -> its score (the same wherever it occurs), in order of first occurrence
+    for token, value in zip(passage, best):
+        first.setdefault(token, value)
+    return sorted(first, key=lambda token: -first[token])[:k]  # sorted() is stable
 
 
 @torch.no_grad()

@@ -136,52 +136,7 @@ def make_reranker(method, llm, template, seed=0, **cfg):
     return reranker.eval()  # eval: no attention dropout
 
 
-# ---- the cached scorer equals one plain pass over the whole sequence -------------------------
-def naive_score(llm, template, reranker, query, passage):
-    """Mean log-prob of query + eos from ONE uncached forward pass over
-    [P passage] [H] "Question: \\n" query eos, with float32 logits at every position."""
-    method = reranker.cfg.method
-    E = llm.tok_embeddings
-    text = template.question + query + [template.eos]
-    if method == "zeroshot":
-        logits = llm(torch.tensor([template.prefix(passage) + text]))[0]  # (T, V) the plain API
-    else:
-        pieces = [E(torch.tensor(template.prefix(passage)))]  # P + passage
-        if method == "prompt":  # P replaced by the soft prompt
-            P = len(template.prompt)
-            pieces[0] = torch.cat([reranker.soft_prompt, pieces[0][P:]])
-        if method == "qpeft-r":  # H = MLP(E'(["hints: "] + top-k ids + ["\n"]))
-            ids = (
-                template.hints_open
-                + top_k(reranker, llm, query, passage, reranker.cfg.top_k)
-                + template.hints_close
-            )
-            pieces.append(reranker.mlp(reranker.embed_hint_ids(llm, torch.tensor(ids))))
-        if method == "qpeft-a":
-            # H = MLP([E'("hints: "), attention(E'(query), E(passage)), E'("\n")]), no padding
-            keys = E(torch.tensor(passage))[None]
-            attended, _ = reranker.attention(
-                reranker.embed_hint_ids(llm, torch.tensor(query))[None], keys, keys
-            )
-            block = torch.cat(
-                [
-                    reranker.embed_hint_ids(llm, torch.tensor(template.hints_open)),
-                    attended[0],
-                    reranker.embed_hint_ids(llm, torch.tensor(template.hints_close)),
-                ]
-            )
-            pieces.append(reranker.mlp(block))
-        pieces.append(E(torch.tensor(text)))
-        x = torch.cat(pieces)[None]  # (1, T, D)
-        h, _ = llm.hidden(x, torch.arange(x.shape[1])[None])
-        logits = llm.logits(h[0])  # (T, V)
-    logprobs = logits.log_softmax(-1)
-    targets = torch.tensor(query + [template.eos])
-    n, T = len(targets), logits.shape[0]
-    # position t predicts token t + 1: the last n tokens are predicted at positions T-n-1 .. T-2
-    return logprobs[T - n - 1 : T - 1].gather(1, targets[:, None])[:, 0].mean()
-
-
+# ---- the fast path equals the definition, qpeft.score: one plain pass per pair ----------
 PASSAGES = [
     " Paris is the capital and largest city of France.",
     " Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in the leaves"
@@ -212,7 +167,7 @@ def test_cached_scorer_equals_naive_full_sequence(tiny, method):
             [passages[d] for _, d in PAIRS],
         )
         slow = torch.stack(
-            [naive_score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS]
+            [qpeft.score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS]
         )
     assert fast.dtype == torch.float32 and fast.shape == (len(PAIRS),)
     assert (fast - slow).abs().max() <= 1e-4, (fast, slow)
@@ -236,7 +191,7 @@ def test_soft_prompt_gradient_through_the_shared_head_equals_naive(tiny):
         [passages[d] for _, d in PAIRS],
     )
     slow = torch.stack(
-        [naive_score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS]
+        [qpeft.score(llm, template, reranker, queries[q], passages[d]) for q, d in PAIRS]
     )
     weights = torch.linspace(1, 2, len(PAIRS))  # unequal: a pair dropped or counted twice shows
     (fast_grad,) = torch.autograd.grad((weights * fast).sum(), reranker.soft_prompt)
@@ -265,9 +220,11 @@ def test_zeroshot_needs_no_module(tiny):
 
 # ---- Q-PEFT-R's top-k selection on a table where the cosines are obvious --------------------
 def top_k(reranker, llm, query, passage, k):
-    """select_top_k for one pair, as a list."""
+    """The plain selection of one pair (qpeft.top_k_tokens); the batched select_top_k must agree."""
     ids, counts = select_top_k(reranker, llm, [query], [passage], k)
-    return ids[0, : counts[0]].tolist()
+    plain = qpeft.top_k_tokens(reranker, llm, query, passage, k)
+    assert ids[0, : counts[0]].tolist() == plain
+    return plain
 
 
 def test_select_top_k_by_hand():
@@ -540,7 +497,7 @@ def test_batch_loss_uses_the_right_prefix_rows(tiny):
             TrainConfig(margin=0.3),
         )
         nll = {
-            (q, d): -naive_score(
+            (q, d): -qpeft.score(
                 llm, template, reranker, tokens.queries[q], tokens.passages[d]
             ).item()
             for q in ("q1", "q2")
@@ -1566,7 +1523,7 @@ def test_smollm2_zeroshot_prefers_relevant_passages():
         if dtype == torch.float32:  # the real tokenizer and model: cached path == one plain pass
             zs = Reranker(QPEFTConfig(method="zeroshot"), llm, template)
             with torch.no_grad():
-                naive = naive_score(llm, template, zs, q_ids[0], p_ids[0])
+                naive = qpeft.score(llm, template, zs, q_ids[0], p_ids[0])
                 assert abs(scores[dtype][0, 0] - naive) <= 1e-4
     # bf16 (the CLI default) stays close to fp32: the differences are below 0.05 nat/token here
     assert (scores[torch.bfloat16] - scores[torch.float32]).abs().max() <= 0.15
