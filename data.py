@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from eval import atomic_save, text_lines, trec_ranking
+from eval import atomic_save, read_qrels, read_run, text_lines, trec_ranking
 
 
 def _warn(message):
@@ -64,65 +64,47 @@ def _read_jsonl(path, fields):
 
 
 def _read_qrels(path, queries, requested_only=False):
-    """{qid: {docid: grade}}. Judged passages absent from the corpus are kept on purpose: TREC DL
-    qrels judge the full collection, and metrics must be normalised by all of them. A query
-    without text is an error, or (requested_only) left out with a counted warning."""
-    qrels, unrequested = {}, set()
-    for n, line in _lines(path):
-        cols = line.split("\t")
-        if n == 1 and cols[:2] == ["query-id", "corpus-id"]:
-            continue
-        if len(cols) != 3 or not re.fullmatch(r"\s*-?\d+\s*", cols[2]):
-            raise ValueError(
-                f"{path}:{n}: expected 'query-id<TAB>corpus-id<TAB>integer score', got {line!r}"
-            )
-        qid, docid, grade = cols[0], cols[1], int(cols[2])
-        if any(c.isspace() for c in qid + docid):
-            raise ValueError(f"{path}:{n}: id {qid!r} or {docid!r} holds whitespace")
-        if qid not in queries and requested_only:
-            unrequested.add(qid)
-            continue
-        if qid not in queries:
-            raise ValueError(f"{path}:{n}: query {qid!r} has no text in the queries")
-        if docid in qrels.setdefault(qid, {}):
-            raise ValueError(f"{path}:{n}: query {qid!r} judges passage {docid!r} twice")
-        qrels[qid][docid] = grade
+    """{qid: {docid: grade}} (eval.read_qrels). Judged passages absent from the corpus are kept on
+    purpose: TREC DL qrels judge the full collection, and metrics must be normalised by all of
+    them. A query without text is an error, or (requested_only) left out with a counted warning."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    unrequested = set()
+
+    def has_text(line_no, qid, docid):
+        if qid in queries:
+            return True
+        if not requested_only:
+            raise ValueError(f"{path}:{line_no}: query {qid!r} has no text in the queries")
+        unrequested.add(qid)
+        return False
+
+    qrels = read_qrels(path, has_text)
     if unrequested:
         _warn(f"{path}: {len(unrequested)} judged queries are not requested and are left out")
     return qrels
 
 
 def _read_run(path, corpus, queries):
-    """{qid: {docid: score}} from a TREC run; every passage needs text, or it cannot be reranked."""
-    run = {}
-    for n, line in _lines(path):
-        cols = line.split()
-        try:
-            qid, _, docid, rank, score, _ = cols
-            int(rank), float(score)
-        except ValueError:
-            raise ValueError(
-                f"{path}:{n}: expected 'qid Q0 docid rank score tag', got {line!r}"
-            ) from None
-        if not math.isfinite(float(score)):
-            raise ValueError(f"{path}:{n}: score {score} is not finite")
+    """{qid: {docid: score}} from a TREC run (eval.read_run); every passage needs text, or it
+    cannot be reranked."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+
+    def has_text(line_no, qid, docid):
         if qid not in queries:
-            raise ValueError(f"{path}:{n}: query {qid!r} has no text in the queries")
+            raise ValueError(f"{path}:{line_no}: query {qid!r} has no text in the queries")
         if docid not in corpus:
-            raise ValueError(f"{path}:{n}: passage {docid!r} is not in the corpus")
-        if docid in run.setdefault(qid, {}):
-            raise ValueError(f"{path}:{n}: passage {docid!r} listed twice for query {qid!r}")
-        run[qid][docid] = float(score)
-    return run
+            raise ValueError(f"{path}:{line_no}: passage {docid!r} is not in the corpus")
+
+    return read_run(path, has_text)
 
 
 def ranked(scores):
     """{docid: score} in trec_eval's order: score descending, ties by docid descending (as strings).
     Runs are read by score, not by their rank column, so that the candidates we rerank and the
     BM25 baseline we report are the lists trec_eval sees (the two differ only on tied scores)."""
-    return dict(
-        sorted(scores.items(), key=lambda item: (np.float32(item[1]), item[0]), reverse=True)
-    )
+    return {docid: scores[docid] for docid in trec_ranking(scores)}
 
 
 @dataclass

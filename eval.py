@@ -35,28 +35,38 @@ MEASURES_HELP = "ndcg, ndcg_cut_K, recip_rank, map, P_K, recall_K, success_K ('.
 # reading and writing files
 
 
-def read_qrels(path):
+def read_qrels(path, check=None):
     """Judgments {qid: {docid: grade}} from TREC qrels ('qid 0 docid grade') or BEIR TSV
-    ('query-id corpus-id score' after a header line). The first line decides the format."""
+    ('query-id<TAB>corpus-id<TAB>score', a header line first or not). The first line decides the
+    format; a line with a TAB is split at TABs, so an id holding a space is refused, never read
+    as another column. check(line_no, qid, docid), when given, vets each judgment: it raises to
+    refuse the file, or returns False to leave the judgment out."""
     qrels, n_fields = {}, None
     for line_no, line in text_lines(path):
-        fields = line.split()
-        if not fields:
+        line = line.rstrip("\r\n")
+        fields = line.split("\t") if "\t" in line else line.split()
+        if not line.strip():
             continue
         if n_fields is None:
             n_fields = len(fields)
-            if fields == ["query-id", "corpus-id", "score"]:
+            if fields[:2] == ["query-id", "corpus-id"]:
                 continue  # the BEIR header; any other first line must be a judgment
         if len(fields) != n_fields or n_fields not in (3, 4):
             raise ValueError(
-                f"{path}:{line_no}: expected 'qid 0 docid grade' (TREC) or "
-                f"'query-id corpus-id score' (BEIR), got {len(fields)} fields"
+                f"{path}:{line_no}: expected 'query-id<TAB>corpus-id<TAB>integer score' (BEIR) "
+                f"or 'qid 0 docid grade' (TREC), got {line!r}"
             )
-        qid, docid, grade = fields[0], fields[-2], fields[-1]
+        qid, docid, grade = fields[0], fields[-2], fields[-1].strip()
+        if not qid or not docid or any(c.isspace() for c in qid + docid):
+            raise ValueError(
+                f"{path}:{line_no}: id {qid!r} or {docid!r} is empty or holds whitespace"
+            )
         if not re.fullmatch(r"-?\d+", grade):
-            raise ValueError(f"{path}:{line_no}: grade '{grade}' is not an integer")
+            raise ValueError(f"{path}:{line_no}: grade {grade!r} is not an integer")
+        if check is not None and check(line_no, qid, docid) is False:
+            continue
         if docid in qrels.setdefault(qid, {}):
-            raise ValueError(f"{path}:{line_no}: duplicate docid {docid} for query {qid}")
+            raise ValueError(f"{path}:{line_no}: query {qid!r} judges passage {docid!r} twice")
         qrels[qid][docid] = int(grade)
     return qrels
 
@@ -71,9 +81,10 @@ def text_lines(path):
                 raise ValueError(f"{path}:{line_no}: not valid UTF-8") from None
 
 
-def read_run(path):
+def read_run(path, check=None):
     """Scores {qid: {docid: score}} from a TREC run ('qid Q0 docid rank score tag').
-    The rank column is not used: like trec_eval, we rank by score."""
+    The rank column is not used: like trec_eval, we rank by score. check(line_no, qid, docid),
+    when given, vets each line and raises to refuse the file."""
     run = {}
     for line_no, line in text_lines(path):
         fields = line.split()
@@ -91,9 +102,11 @@ def read_run(path):
             raise ValueError(f"{path}:{line_no}: score '{score}' is not a number") from None
         if not math.isfinite(score):
             raise ValueError(f"{path}:{line_no}: score {score} is not finite")
+        if check is not None:
+            check(line_no, qid, docid)
         if docid in run.setdefault(qid, {}):
             # trec_eval refuses these too: which of the two scores would count?
-            raise ValueError(f"{path}:{line_no}: duplicate docid {docid} for query {qid}")
+            raise ValueError(f"{path}:{line_no}: passage {docid!r} listed twice for query {qid!r}")
         run[qid][docid] = score
     return run
 

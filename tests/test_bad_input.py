@@ -56,7 +56,7 @@ CASES = [
         lambda d, m, t: (
             edit(d / "qrels" / "test.tsv", lambda s: s.replace("\t2\n", "\ttwo\n")) or []
         ),
-        "test.tsv:2: expected 'query-id<TAB>corpus-id<TAB>integer score'",
+        "test.tsv:2: grade 'two' is not an integer",
     ),
     (
         "training on a dataset without a train split",
@@ -123,7 +123,7 @@ CASES = [
     (
         "a TREC run line with five columns",
         lambda d, m, t: run_flags(d, t, "s1 Q0 p1 1 9.5 bm25\ns1 Q0 p3 2 9.0\n"),
-        "run.trec:2: expected 'qid Q0 docid rank score tag'",
+        "run.trec:2: expected 6 fields 'qid Q0 docid rank score tag', got 5",
     ),
     (
         "a TREC run with a passage missing from the corpus",

@@ -153,7 +153,7 @@ def bad(message, error=ValueError, corpus=CORPUS, queries=GOOD_QUERIES, qrels=ON
             qrels={"test": [("q1", "p1", 1), ("q7", "p1", 1)]},
         ),
         bad(
-            r"test\.tsv:2: expected 'query-id<TAB>corpus-id<TAB>integer score'",
+            r"test\.tsv:2: grade 'high' is not an integer",
             qrels={"test": [("q1", "p1", "high")]},
         ),
         bad(
@@ -165,7 +165,7 @@ def bad(message, error=ValueError, corpus=CORPUS, queries=GOOD_QUERIES, qrels=ON
             runs={"test.bm25.trec": [("q1", "p1", 2), ("q1", "p1", 1)]},
         ),
         bad(
-            r"test\.bm25\.trec:1: expected 'qid Q0 docid rank score tag'",
+            r"test\.bm25\.trec:1: score 'x' is not a number",
             runs={"test.bm25.trec": [("q1", "p1", "x")]},
         ),
         bad(r"qrels", FileNotFoundError, qrels={}),

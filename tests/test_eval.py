@@ -162,7 +162,7 @@ def test_qrels_trec_and_beir_formats_agree(tmp_path):
 
 def test_duplicate_docid_in_run_is_an_error(tmp_path):
     path = write(tmp_path / "run.trec", "q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\nq1 Q0 d1 3 0.5 t\n")
-    with pytest.raises(ValueError, match=r"run\.trec:3: duplicate docid d1 for query q1"):
+    with pytest.raises(ValueError, match=r"run\.trec:3: passage 'd1' listed twice for query 'q1'"):
         E.read_run(path)
 
 
@@ -182,6 +182,10 @@ def test_malformed_lines_name_file_and_line(tmp_path):
     # a headerless BEIR file whose first grade is not an integer: an error, not a "header" to skip
     qrels = write(tmp_path / "qrels.tsv", "q1\td1\tyes\nq1\td2\t1\n")
     with pytest.raises(ValueError, match=r"qrels\.tsv:1: grade 'yes' is not an integer"):
+        E.read_qrels(qrels)
+    # a BEIR id holding a space is refused, not read as a 4-column TREC line (qid "q", docid "d1")
+    qrels = write(tmp_path / "qrels.tsv", "q 1\td1\t1\n")
+    with pytest.raises(ValueError, match=r"qrels\.tsv:1: id 'q 1' or 'd1' is empty or holds white"):
         E.read_qrels(qrels)
     (tmp_path / "latin1.trec").write_bytes(b"q1 Q0 d1 1 2.0 t\nq1 Q0 d\xe9 2 1.0 t\n")
     with pytest.raises(ValueError, match=r"latin1\.trec:2: not valid UTF-8"):
@@ -307,7 +311,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, tmp_path):
         "unknown measure": ([qrels, run, "-m", "ndcg@10"], "unknown measure 'ndcg@10'"),
         "duplicate docid": (
             [qrels, write(tmp_path / "dup.trec", "q1 Q0 a 1 2 t\nq1 Q0 a 2 1 t\n")],
-            "dup.trec:2: duplicate docid a for query q1",
+            "dup.trec:2: passage 'a' listed twice for query 'q1'",
         ),
     }[case]
     out = run_cli(*args)
