@@ -30,6 +30,7 @@ import torch
 
 import data
 import qpeft
+import runtime
 import train
 from model import LlamaConfig, Transformer, default_dtype, load, rope_frequencies
 
@@ -143,7 +144,7 @@ def main(argv=None):
         help="random weights in this model's shape instead of --model's (its tokenizer is kept)",
     )
     args = p.parse_args(argv)
-    device = qpeft.setup_device(args.device)
+    device = runtime.setup_device(args.device)
     if args.dtype == "auto":
         args.dtype = str(default_dtype(device))[len("torch.") :]
     dtype = getattr(torch, args.dtype)
@@ -243,7 +244,9 @@ def main(argv=None):
     hints = {"zeroshot": lambda q: 0, "qpeft-a": lambda q: wrap + len(tokens.queries[q])}
 
     def score(name, reranker, desc):
-        return qpeft.rerank(llm, template, {name: reranker}, candidates, tokens, TOKEN_BUDGET, desc)
+        return runtime.rerank(
+            llm, template, {name: reranker}, candidates, tokens, TOKEN_BUDGET, desc
+        )
 
     for name, reranker in [("zeroshot", zeroshot), ("qpeft-a", qpeft_a)]:
         reset_memory(device)

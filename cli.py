@@ -21,21 +21,18 @@ from tqdm import tqdm
 import data
 import eval as ir
 from eval import atomic_save
-from qpeft import (
+from qpeft import METHODS, QPEFTConfig, Reranker, Template
+from runtime import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    METHODS,
-    QPEFTConfig,
-    Reranker,
-    Template,
     check_positions,
     load_adapter,
     load_llm,
-    rank,
+    process_count,
+    process_index,
     rerank,
     setup_device,
     tokenize,
-    world,
 )
 from tokenizer import read_json
 from train import (
@@ -284,7 +281,7 @@ def pick(dataclass_type, args):
 
 def provenance(args, argv, device, llm, files):
     """What a number depends on, recorded beside it in metrics.json: every resolved flag, the
-    qpeft commit, versions, the device, the model's fingerprint (qpeft.model_fingerprint) and the
+    qpeft commit, versions, the device, the model's fingerprint (runtime.model_fingerprint) and the
     sha256 of every data file read (msmarco_small: 10 files, 7.1 MB, cheap to hash)."""
     return {
         "argv": argv if argv is not None else sys.argv[1:],
@@ -294,7 +291,7 @@ def provenance(args, argv, device, llm, files):
         "torch": torch.__version__,
         "numpy": __import__("numpy").__version__,
         "device": device_name(device),
-        "processes": world(),
+        "processes": process_count(),
         "model": {"name": llm.name, "sha256": llm.sha256},
         "data": {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
     }
@@ -338,7 +335,7 @@ class Log:
         self.out, self.held = out, []
 
     def __call__(self, message):
-        if rank() == 0:
+        if process_index() == 0:
             tqdm.write(message)
             self.held.append(message)
             if self.out.is_dir():
@@ -385,7 +382,7 @@ def first_stage_of(target, split, depth, log):
     return first_stage, {q: list(docs)[:depth] for q, docs in first_stage.items()}
 
 
-def adapters(args, llm, template_for):
+def adapters(args, llm, tokenizer):
     """{row name: reranker} of --adapter folders, named by their folder, and {row name: the
     training record saved with it, or None}; they share one pass over the passages, so they must
     share the instruction and the token limits."""
@@ -398,7 +395,7 @@ def adapters(args, llm, template_for):
             raise ValueError(
                 f"--adapter: two rows would be called {name!r} ({folder}); rename the folder"
             )
-        rerankers[name] = load_adapter(folder, llm, template_for, args.any_base_model)
+        rerankers[name] = load_adapter(folder, llm, tokenizer, args.any_base_model)
         training[name] = read_json(Path(folder) / ADAPTER_CONFIG).get("training")
     configs = [r.cfg for r in rerankers.values()]
     if len({(c.instruction, c.max_passage_tokens, c.max_query_tokens) for c in configs}) > 1:
@@ -425,15 +422,12 @@ def run_command(args, argv):
         width = f"the width of {args.model} ({llm.cfg.dim})"
         raise ValueError(f"--heads {base_cfg.heads} does not divide {width}")
 
-    def template_for(cfg):
-        return Template(tokenizer, cfg.instruction)
-
     first_stage, candidates = first_stage_of(target, split, args.depth, log)
-    rerankers, adapter_training = adapters(args, llm, template_for) if args.adapter else ({}, {})
+    rerankers, adapter_training = adapters(args, llm, tokenizer) if args.adapter else ({}, {})
     if rerankers:  # the longest hint block any adapter can write must fit the model
         top_k = max(r.cfg.top_k for r in rerankers.values())
         base_cfg = replace(next(iter(rerankers.values())).cfg, top_k=top_k)
-    template = template_for(base_cfg)
+    template = Template(tokenizer, base_cfg.instruction)
     listed = args.methods.split(",")
     # with --adapter: the adapters, and zero-shot beside them when --methods lists it
     methods = ["zeroshot"] * ("zeroshot" in listed) + list(rerankers) if args.adapter else listed
@@ -476,7 +470,7 @@ def run_command(args, argv):
         metrics.setdefault("zeroshot", {})["dev_check"] = reference
         for method in trained:
             cfg = replace(base_cfg, method=method)
-            runs = train_seeds(llm, template_for, cfg, tc, seeds, examples, dev, tokens, args, log)
+            runs = train_seeds(llm, tokenizer, cfg, tc, seeds, examples, dev, tokens, args, log)
             for name, (reranker, training) in runs.items():
                 rerankers[name] = reranker
                 if training:  # None: an adapter reused by --resume keeps its earlier record
@@ -488,7 +482,7 @@ def run_command(args, argv):
         llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {split}"
     )
     check_finite(scores, args.model)
-    if rank() == 0:  # every score is here: rank 0 evaluates and writes
+    if process_index() == 0:  # every score is here: rank 0 evaluates and writes
         runs = {"bm25": first_stage}
         runs.update({name: with_tail(scores[name], first_stage) for name in rerankers})
         write_runs(runs, split, requests, out)
@@ -519,7 +513,7 @@ def run_command(args, argv):
         dist.destroy_process_group()
 
 
-def train_seeds(llm, template_for, cfg, tc, seeds, examples, dev, tokens, args, log):
+def train_seeds(llm, tokenizer, cfg, tc, seeds, examples, dev, tokens, args, log):
     """{run name: (reranker, training record)}: the method of `cfg` trained once per seed, each
     run saved as the adapter folder --out/{run name} (train.fit)."""
     inputs = {
@@ -531,7 +525,7 @@ def train_seeds(llm, template_for, cfg, tc, seeds, examples, dev, tokens, args, 
         name = run_name(cfg.method, seed, len(seeds))
         runs[name] = fit(
             llm,
-            template_for,
+            tokenizer,
             cfg,
             replace(tc, seed=seed),
             examples[seed],
@@ -553,7 +547,7 @@ def load_model(args, argv, device, log):
     llm, tokenizer = load_llm(args.model, dtype, device)
     log(f"$ python qpeft.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
     where = f"cpu x {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
-    where += f", {world()} processes" if world() > 1 else ""
+    where += f", {process_count()} processes" if process_count() > 1 else ""
     size = sum(p.numel() for p in llm.parameters()) / 1e6
     dtype = str(llm.tok_embeddings.weight.dtype).removeprefix("torch.")
     seconds = time.perf_counter() - start

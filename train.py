@@ -19,24 +19,18 @@ from tqdm import tqdm
 import data
 import eval as ir
 from eval import atomic_save
-from qpeft import (
+from qpeft import METHODS, QPEFTConfig, Reranker, Template, encode_prefixes, score_pairs
+from runtime import (
     ADAPTER_CONFIG,
-    METHODS,
-    QPEFTConfig,
-    Ranker,
-    Reranker,
-    Template,
     check_positions,
-    encode_prefixes,
     gather,
     load_adapter,
-    rank,
+    process_count,
+    process_index,
     rerank,
     save_adapter,
-    score_pairs,
     tokenize,
     trainable_state,
-    world,
 )
 
 LOSSES = ("paper", "listwise")
@@ -186,7 +180,7 @@ class TrainingLoss(nn.Module):
 
     def forward(self, llm, template, batch, tokens, tc, epoch):
         """The loss of this process's share of `batch` and its diagnostics (batch_loss)."""
-        share = (rank(), world())
+        share = (process_index(), process_count())
         return batch_loss(llm, template, self.reranker, batch, tokens, tc, share, epoch)
 
 
@@ -221,7 +215,7 @@ def dev_check(llm, template, reranker, dev, tc, tokens, token_budget=4096):
     record = {}
     paper = replace(tc, loss="paper")
     for batch in dev.batches:  # each process its share of every batch; the shares add up
-        share = (rank(), world())
+        share = (process_index(), process_count())
         loss, terms = batch_loss(llm, template, reranker, batch, tokens, paper, share)
         for name, value in {"dev_loss": loss, **terms}.items():
             record[name] = record.get(name, 0.0) + value.item() / len(dev.batches)
@@ -308,7 +302,7 @@ def train(
     # averages the gradients, so each share's loss is scaled by the number of processes to make
     # the update the single-process one. It also broadcasts rank 0's initial weights.
     model = TrainingLoss(reranker)
-    model = nn.parallel.DistributedDataParallel(model) if world() > 1 else model
+    model = nn.parallel.DistributedDataParallel(model) if process_count() > 1 else model
 
     def snapshot():
         return {k: v.detach().clone() for k, v in trainable_state(reranker).items()}
@@ -342,7 +336,7 @@ def train(
         desc=f"train {name}",
         initial=state["step"],
         total=total,
-        disable=rank() > 0,
+        disable=process_index() > 0,
     )
     for step in bar:
         if state["bad_checks"] >= tc.patience:
@@ -357,7 +351,7 @@ def train(
             )
         reranker.train()
         loss, terms = model(llm, template, epoch_batches[index], tokens, tc, epoch)
-        (loss * world()).backward()
+        (loss * process_count()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # the whole batch's loss and pairwise accuracy: the sum of the processes' shares
@@ -387,7 +381,7 @@ def train(
                 state.update(bad_checks=0, **best)
             else:
                 state["bad_checks"] += 1
-        if rank() == 0 and out and (checks or state["step"] % tc.save_every == 0):
+        if process_index() == 0 and out and (checks or state["step"] % tc.save_every == 0):
             save_resume(resume_files, reranker, optimizer, state, resume_config)
             if checks:  # the per-check record as it goes, one JSON line per check
                 history = "".join(json.dumps(h) + "\n" for h in state["history"])
@@ -534,14 +528,12 @@ def training_inputs(dataset, extra_train, tc, seeds, train_queries=0):
     return examples, dev, passages, queries
 
 
-def fit(
-    llm, template_for, cfg, tc, examples, dev, tokens, out, log, name, resume=False, extra=None
-):
+def fit(llm, tokenizer, cfg, tc, examples, dev, tokens, out, log, name, resume=False, extra=None):
     """One trained module and its training record: trained (or, with `resume` and a finished
     adapter in out/name, reloaded) and saved as the adapter folder out/name (out None: unsaved)."""
     folder = out / name if out else None
     if resume and folder and (folder / ADAPTER_CONFIG).exists():
-        reranker = load_adapter(folder, llm, template_for)
+        reranker = load_adapter(folder, llm, tokenizer)
         saved = json.loads((folder / ADAPTER_CONFIG).read_text())
         same_run = {"seed": tc.seed, **(extra or {})}
         found = {"seed": saved["train"]["seed"], **{k: saved.get(k) for k in extra or {}}}
@@ -555,10 +547,10 @@ def fit(
         log(f"{name}: reusing trained adapter {folder} ({ignored})")
         return reranker, saved["training"]
     torch.manual_seed(tc.seed)  # a method's initial weights do not depend on which ran before
-    reranker = Reranker(cfg, llm, template_for(cfg))
+    template = Template(tokenizer, cfg.instruction)
+    reranker = Reranker(cfg, llm, template)
     log(f"{name}: {reranker.trainable_parameters():,} trainable parameters (fp32), seed {tc.seed}")
     start = time.perf_counter()
-    template = template_for(cfg)
     reranker, state = train(
         llm, template, reranker, examples, dev, tokens, tc, out, log, resume=resume, name=name
     )
@@ -572,7 +564,7 @@ def fit(
         "train_queries": len(examples),
         "history": state["history"],
     }
-    if folder and rank() == 0:
+    if folder and process_index() == 0:
         meta = {"train": asdict(tc), "training": record, "qpeft_commit": qpeft_commit()}
         save_adapter(reranker, folder, llm, {**meta, **(extra or {})})
         for suffix in ("json", "safetensors"):
@@ -581,7 +573,7 @@ def fit(
 
 
 def train_adapter(llm, tokenizer, method, data_name, out, log, **settings):
-    """qpeft.train_adapter after the model is loaded: one module of `method` trained on the
+    """api.train_adapter after the model is loaded: the reranker of `method` trained on the
     dataset `data_name`, chosen on its dev split, saved in out/method when out is given."""
     own = {f.name for f in fields(QPEFTConfig)} - {"method"}
     if unknown := settings.keys() - own - {f.name for f in fields(TrainConfig)} - {"train_data"}:
@@ -597,10 +589,7 @@ def train_adapter(llm, tokenizer, method, data_name, out, log, **settings):
     examples, dev, passages, queries = training_inputs(dataset, extra, tc, [tc.seed])
     tokens = tokenize(tokenizer, cfg, queries, passages, log)
 
-    def template_for(c):
-        return Template(tokenizer, c.instruction)
-
-    check_positions(llm, template_for(cfg), tokens, cfg)
+    check_positions(llm, Template(tokenizer, cfg.instruction), tokens, cfg)
     if method == "qpeft-a" and llm.cfg.dim % cfg.heads:
         raise ValueError(f"heads={cfg.heads} does not divide the model's width ({llm.cfg.dim})")
     out = Path(out) if out is not None else None
@@ -608,9 +597,9 @@ def train_adapter(llm, tokenizer, method, data_name, out, log, **settings):
         out.mkdir(parents=True, exist_ok=True)
     names = {"data": dataset.name, "train_data": [d.name for d in extra]}
     reranker, _ = fit(
-        llm, template_for, cfg, tc, examples[tc.seed], dev, tokens, out, log, method, extra=names
+        llm, tokenizer, cfg, tc, examples[tc.seed], dev, tokens, out, log, method, extra=names
     )
-    return Ranker(llm, tokenizer, reranker)
+    return reranker
 
 
 def qpeft_commit():

@@ -17,10 +17,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import api
 import cli
 import data
 import eval as ir
 import qpeft
+import runtime
 import train
 from conftest import SHARED, smollm2_dir
 from data import TrainExample
@@ -31,11 +33,10 @@ from qpeft import (
     Template,
     TokenIds,
     encode_prefixes,
-    load_adapter,
-    save_adapter,
     score_pairs,
     select_top_k,
 )
+from runtime import load_adapter, save_adapter
 from train import TrainConfig, batch_loss
 
 TOKENIZER_JSON = SHARED / "models" / "smollm2-135m-instruct" / "tokenizer.json"
@@ -120,7 +121,7 @@ def tiny_args(tiny_dir, data_dir, flags=""):
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     """(llm, tokenizer, template) in float32; the LLM is frozen, so tests can share it."""
-    llm, tokenizer = qpeft.load_llm(tiny_dir, dtype=torch.float32)
+    llm, tokenizer = runtime.load_llm(tiny_dir, dtype=torch.float32)
     return llm, tokenizer, Template(tokenizer, INSTRUCTION)
 
 
@@ -743,10 +744,10 @@ def test_save_and_load_adapter_scores_identically(tiny_dir, tiny, tmp_path, meth
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["qpeft"]["method"] == method and config["note"] == "test"
     assert config["base_model_name_or_path"] == "tiny-llama"
-    assert config["base_model_sha256"] == qpeft.model_fingerprint(tiny_dir) == llm.sha256
+    assert config["base_model_sha256"] == runtime.model_fingerprint(tiny_dir) == llm.sha256
     saved = load_file(folder / "adapter_model.safetensors")
     assert set(saved) == set(qpeft.trainable_state(reranker))
-    loaded = load_adapter(folder, llm, lambda cfg: Template(tokenizer, cfg.instruction))
+    loaded = load_adapter(folder, llm, tokenizer)
     assert loaded.cfg == reranker.cfg and not loaded.training
     passages = [tokenizer.encode(p) for p in PASSAGES]
     queries = [tokenizer.encode(q) for q in QUERIES]
@@ -783,8 +784,8 @@ def test_load_adapter_bad_folders(tiny, tmp_path):
         match=r"trained on other-llama \(sha256 abababababab\), not on "
         r"tiny-llama .*--any-base-model",
     ):
-        load_adapter(folder, llm, lambda cfg: template)
-    loaded = load_adapter(folder, llm, lambda cfg: template, any_base_model=True)
+        load_adapter(folder, llm, tokenizer)
+    loaded = load_adapter(folder, llm, tokenizer, any_base_model=True)
     assert loaded.cfg.method == "qpeft-a"
     # weights of one method under another method's config: named, not silently half-loaded
     config["qpeft"]["method"] = "qpeft-r"
@@ -793,15 +794,14 @@ def test_load_adapter_bad_folders(tiny, tmp_path):
         ValueError,
         match=r"adapter_model.safetensors: tensor 'attention\..*' is missing, unexpected",
     ):
-        load_adapter(folder, llm, lambda cfg: template)
+        load_adapter(folder, llm, tokenizer)
     config_file.unlink()
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json: missing"):
-        load_adapter(folder, llm, lambda cfg: template)
-    # a module saved as one file by an older qpeft: a clear error, not a crash
+        load_adapter(folder, llm, tokenizer)
+    # a file where the folder belongs: a clear error, not a crash
     (tmp_path / "old.safetensors").write_bytes(b"")
-    (tmp_path / "old.json").write_text("{}")
-    with pytest.raises(ValueError, match="single-file module of an older qpeft"):
-        load_adapter(tmp_path / "old.safetensors", llm, lambda cfg: template)
+    with pytest.raises(FileNotFoundError, match="an adapter is a folder"):
+        load_adapter(tmp_path / "old.safetensors", llm, tokenizer)
 
 
 # ---- the Python API ------------------------------------------------------------------------
@@ -813,7 +813,7 @@ def test_python_api_scores_like_the_fast_path(tiny_dir, tiny, tmp_path):
     save_adapter(module, tmp_path / "qpeft-a", llm, {})
     passages = [p.strip() for p in PASSAGES]
     for adapter, reranker in ((None, None), (tmp_path / "qpeft-a", module)):
-        ranker = qpeft.load_ranker(tiny_dir, adapter=adapter, device="cpu", dtype=torch.float32)
+        ranker = api.load_ranker(tiny_dir, adapter=adapter, device="cpu", dtype=torch.float32)
         scores = ranker.score(QUERIES[0], passages)
         p_ids, q_ids = [tokenizer.encode(" " + p) for p in passages], tokenizer.encode(QUERIES[0])
         with torch.no_grad():
@@ -1066,11 +1066,11 @@ def test_cli_reranks_a_trec_run_and_rank_llm_requests(tiny_dir, tmp_path):
 
 
 def test_train_adapter_then_load_ranker(tiny_dir, tmp_path):
-    """qpeft.train_adapter: one call trains on a dataset, chooses on dev, saves the adapter
+    """api.train_adapter: one call trains on a dataset, chooses on dev, saves the adapter
     folder and returns a Ranker; load_ranker(adapter=folder) gives the same scores."""
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
     messages = []
-    ranker = qpeft.train_adapter(
+    ranker = api.train_adapter(
         "qpeft-r",
         data=str(data_dir),
         out=tmp_path / "a",
@@ -1089,13 +1089,13 @@ def test_train_adapter_then_load_ranker(tiny_dir, tmp_path):
         config["qpeft"]["top_k"] == 3 and config["train"]["steps"] == 2 and config["data"] == "beir"
     )
     assert any("qpeft-r: keeping the module of step" in m for m in messages)
-    loaded = qpeft.load_ranker(
+    loaded = api.load_ranker(
         tiny_dir, adapter=tmp_path / "a" / "qpeft-r", device="cpu", dtype=torch.float32
     )
     passages = [p.strip() for p in PASSAGES]
     assert loaded.score(QUERIES[0], passages) == ranker.score(QUERIES[0], passages)
     with pytest.raises(TypeError, match="unknown setting 'stpes'"):
-        qpeft.train_adapter("qpeft-r", data=str(data_dir), model=tiny_dir, device="cpu", stpes=2)
+        api.train_adapter("qpeft-r", data=str(data_dir), model=tiny_dir, device="cpu", stpes=2)
 
 
 def test_readme_python_snippet_runs_as_written():
@@ -1343,7 +1343,7 @@ def test_cut_to_counts_what_it_cuts():
     """Two of three passages are longer than 3 tokens, by 2 and 4: cut, counted and logged."""
     lines, counts = [], {}
     ids = {"a": [1, 2, 3, 4, 5], "b": [1, 2], "c": [1, 2, 3, 4, 5, 6, 7]}
-    cut = qpeft.cut_to(ids, 3, "passages", lines.append, counts)
+    cut = runtime.cut_to(ids, 3, "passages", lines.append, counts)
     assert cut == {"a": [1, 2, 3], "b": [1, 2], "c": [1, 2, 3]}
     assert counts == {"passages": {"cut": 2, "of": 3, "limit": 3, "mean": 3.0}}
     assert lines == ["passages: 2 of 3 cut to 3 tokens, by 3.0 on average"]
@@ -1463,8 +1463,8 @@ def test_input_errors_are_one_line(tiny_dir, tmp_path, capsys):
 
 def test_non_finite_scores_are_an_error(tiny_dir, tmp_path, monkeypatch, capsys):
     data_dir = write_beir(tmp_path / "beir", ["train", "dev", "test"])
-    real_score_pairs = qpeft.score_pairs
-    monkeypatch.setattr(qpeft, "score_pairs", lambda *a: real_score_pairs(*a) * float("nan"))
+    real_score_pairs = runtime.score_pairs  # what reranking calls
+    monkeypatch.setattr(runtime, "score_pairs", lambda *a: real_score_pairs(*a) * float("nan"))
     with pytest.raises(SystemExit):
         cli.main(
             [

@@ -1,0 +1,260 @@
+"""The runtime around the method of qpeft.py: devices and torchrun processes, loading the frozen
+LLM, adapter folders (a trained module and where it came from), tokenising texts within the
+module's limits, and reranking a candidate set through the fast path in passage batches."""
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+from eval import atomic_save
+from model import default_dtype, load
+from qpeft import (
+    METHODS,
+    QPEFTConfig,
+    Reranker,
+    Template,
+    TokenIds,
+    encode_prefixes,
+    score_pairs,
+    trainable_state,
+)
+
+
+# ---- Devices and torchrun: one process per device, PyTorch's DistributedDataParallel --------
+def process_index():
+    """This process's index under torchrun, its rank (0 when run alone): process 0 logs and writes
+    every file."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def process_count():
+    """How many processes torchrun started (1 when run alone)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def setup_device(name):
+    """The device of this process for --device auto|cpu|cuda|cuda:N|mps (auto: cuda when there
+    is one). Under torchrun (WORLD_SIZE > 1) also joins the process group: nccl between GPUs,
+    gloo on CPUs; each process of a node takes GPU LOCAL_RANK. Errors name the flag."""
+    processes, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is visible")
+        if processes > 1:
+            if name != "cuda":
+                raise ValueError(
+                    f"--device {name}: under torchrun each process takes "
+                    f"cuda:LOCAL_RANK; pass --device cuda"
+                )
+            if local >= torch.cuda.device_count():
+                raise ValueError(
+                    f"--device cuda: local rank {local} but only {torch.cuda.device_count()} GPUs "
+                    f"on this node (use --nproc_per_node {torch.cuda.device_count()} or fewer)"
+                )
+            name = f"cuda:{local}"
+        elif name == "cuda":
+            name = f"cuda:{torch.cuda.current_device()}"
+        torch.cuda.set_device(torch.device(name))
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available")
+    if processes > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+    return torch.device(name)
+
+
+def gather(value):
+    """[value of rank 0, value of rank 1, ...] on every rank (picklable values; [value] alone)."""
+    if process_count() == 1:
+        return [value]
+    values = [None] * process_count()
+    dist.all_gather_object(values, value)
+    return values
+
+
+# ---- The frozen LLM and adapter folders ---------------------------------------------------
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def model_fingerprint(folder):
+    """sha256 of a model folder's config.json and safetensors headers (every tensor's name, shape,
+    dtype and offsets): another checkpoint changes it, and it reads kilobytes, not the weights."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = f.read(8)
+            digest.update(size + f.read(int.from_bytes(size, "little")))
+    return digest.hexdigest()
+
+
+def load_llm(model, dtype=None, device="cpu"):
+    """The frozen LLM (a name under $QPEFT_HOME/models or a folder) and its tokenizer; llm.name
+    and llm.sha256 say which model an adapter trained on it belongs to."""
+    folder = data.find_asset(model, "models")
+    device = torch.device(device)
+    llm, tokenizer = load(folder, dtype=dtype or default_dtype(device), device=device)
+    llm.name, llm.sha256 = folder.name, model_fingerprint(folder)
+    return llm, tokenizer
+
+
+def save_adapter(reranker, folder, llm, extra):
+    """A peft-style adapter folder: the trainable parameters only (never the frozen LLM) in
+    adapter_model.safetensors, and adapter_config.json with every QPEFTConfig field (the method
+    among them), the base model's name and fingerprint, and `extra` (training data, dev history)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # the config goes first and comes back last: a crash in between leaves no adapter to reuse
+    (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
+    weights = {k: v.contiguous() for k, v in trainable_state(reranker).items()}
+    atomic_save(lambda f: save_file(weights, f), folder / ADAPTER_WEIGHTS)
+    base = {"base_model_name_or_path": llm.name, "base_model_sha256": llm.sha256}
+    config = {"qpeft": asdict(reranker.cfg), **base, **extra}
+    atomic_save(lambda f: Path(f).write_text(json.dumps(config, indent=1)), folder / ADAPTER_CONFIG)
+
+
+def load_adapter(folder, llm, tokenizer, any_base_model=False):
+    """A trained module from its adapter folder, refused on another base model than it was trained
+    on (unless any_base_model); weights checked by name and shape."""
+    folder = Path(folder)
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        files = f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+        raise FileNotFoundError(f"{config_file}: missing (an adapter is a folder with {files})")
+    try:
+        config = json.loads(config_file.read_text())
+        cfg = QPEFTConfig(**config["qpeft"])
+        base, base_sha = config["base_model_name_or_path"], config["base_model_sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: unknown or missing field
+        error = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{config_file}: not an adapter config ({error})") from None
+    if cfg.method not in METHODS:
+        raise ValueError(f"{config_file}: unknown method {cfg.method!r} (known: {METHODS})")
+    if base_sha != llm.sha256 and not any_base_model:
+        raise ValueError(
+            f"{folder}: trained on {base} (sha256 {base_sha[:12]}), not on {llm.name} "
+            f"(sha256 {llm.sha256[:12]}); --any-base-model loads it anyway"
+        )
+    reranker = Reranker(cfg, llm, Template(tokenizer, cfg.instruction))
+    try:
+        saved = load_file(folder / ADAPTER_WEIGHTS)
+    except Exception as e:  # safetensors raises its own error types for a bad file
+        raise ValueError(f"{folder / ADAPTER_WEIGHTS}: not a safetensors file ({e})") from None
+    expected = trainable_state(reranker)
+    for name in expected.keys() | saved.keys():
+        if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
+            raise ValueError(
+                f"{folder / ADAPTER_WEIGHTS}: tensor '{name}' is missing, unexpected or "
+                f"mis-shaped for method {cfg.method} on {llm.name}"
+            )
+    reranker.load_state_dict(saved)
+    return reranker.eval()
+
+
+# ---- Reranking ------------------------------------------------------------------------------
+@torch.no_grad()
+def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, prefixes=None):
+    """Scores {method: {qid: {docid: score}}} for every (query, candidate) pair. Passages are
+    batched by a token budget (length-bucketed); each batch's keys/values are computed once and
+    shared by every method with the frozen instruction and by every query that has the passage.
+    `prefixes`, a dict, keeps those keys/values for the next call on the same candidates (a
+    training run's dev checks: the frozen prefix does not change). desc None: no progress bar."""
+    pairs_of = {}  # docid -> the qids that have it
+    for qid, docids in candidates.items():
+        for d in docids:
+            pairs_of.setdefault(d, []).append(qid)
+    docids = sorted(pairs_of)
+    lengths = [len(template.prefix(tokens.passages[d])) for d in docids]
+    batches = data.token_budget_batches(lengths, token_budget)
+    seconds = {m: 0.0 for m in rerankers}
+    shared_seconds, keys = 0.0, []
+    # under torchrun: every process_count()-th passage batch
+    mine = range(process_index(), len(batches), process_count())
+    values = {m: [] for m in rerankers}  # score tensors, read back to the host once at the end
+    for b in tqdm(mine, desc=desc, unit="batch", disable=desc is None or process_index() > 0):
+        batch = batches[b]
+        passages = [tokens.passages[docids[i]] for i in batch]
+        start = time.perf_counter()
+        if prefixes is not None and b in prefixes:
+            shared = prefixes[b]
+        elif any(r.cfg.method != "prompt" for r in rerankers.values()):
+            shared = encode_prefixes(llm, template, None, passages)
+        if prefixes is not None:
+            prefixes[b] = shared
+        shared_seconds += time.perf_counter() - start
+        # (passage row, qid) of every pair in the batch; every method scores them in this order
+        pairs = [(row, qid) for row, i in enumerate(batch) for qid in pairs_of[docids[i]]]
+        keys += [(qid, docids[batch[row]]) for row, qid in pairs]
+        for method, reranker in rerankers.items():
+            start = time.perf_counter()
+            own_prompt = reranker.cfg.method == "prompt"
+            prefix = encode_prefixes(llm, template, reranker, passages) if own_prompt else shared
+            # suffix batches no larger than the passage batch
+            for chunk in range(0, len(pairs), len(batch)):
+                part = pairs[chunk : chunk + len(batch)]
+                rows, queries = [r for r, _ in part], [tokens.queries[q] for _, q in part]
+                pair_passages = [passages[r] for r in rows]
+                scored = score_pairs(llm, template, reranker, prefix, rows, queries, pair_passages)
+                values[method].append(scored)  # (len(part),)
+            seconds[method] += time.perf_counter() - start
+    scores = {m: {} for m in rerankers}
+    for method in rerankers:  # one host read per method; then every process gets every score
+        pairs = zip(keys, torch.cat(values[method]).tolist() if values[method] else [])
+        for share in gather([(qid, docid, value) for (qid, docid), value in pairs]):
+            for qid, docid, value in share:
+                scores[method].setdefault(qid, {})[docid] = value
+    # Each method is charged the shared passage pass too, as if it had run alone; under torchrun
+    # the slowest process's time.
+    timing = {
+        m: max(gather(seconds[m] + (shared_seconds if r.cfg.method != "prompt" else 0.0)))
+        for m, r in rerankers.items()
+    }
+    return scores, timing
+
+
+# ---- Texts to token ids within the module's limits -----------------------------------------
+def tokenize(tokenizer, cfg, queries, passages, log=None):
+    """TokenIds of {qid: text} and {docid: text}, cut to the module's limits; a passage is
+    tokenised with its leading space (the template ends with "Passage:")."""
+    texts, cut = {d: " " + text for d, text in passages.items()}, {}
+    p_ids, q_ids = data.tokenize_texts(tokenizer, texts), data.tokenize_texts(tokenizer, queries)
+    p_ids = cut_to(p_ids, cfg.max_passage_tokens, "passages", log, cut)
+    q_ids = cut_to(q_ids, cfg.max_query_tokens, "queries", log, cut)
+    return TokenIds(passages=p_ids, queries=q_ids, cut=cut)
+
+
+# ---- Token limits ---------------------------------------------------------------------------
+def cut_to(ids, limit, what="", log=None, counts=None):
+    """Token ids cut to `limit` (keeping the start); how many were cut, and by how many tokens on
+    average, go to the log and to counts[what]."""
+    cuts = [len(v) - limit for v in ids.values() if len(v) > limit]
+    mean = statistics.fmean(cuts) if cuts else 0.0
+    if counts is not None:
+        counts[what] = {"cut": len(cuts), "of": len(ids), "limit": limit, "mean": round(mean, 2)}
+    if cuts and log:
+        log(f"{what}: {len(cuts)} of {len(ids)} cut to {limit} tokens, by {mean:.1f} on average")
+    return {k: v[:limit] for k, v in ids.items()}
+
+
+def check_positions(llm, template, tokens, cfg):
+    """The longest sequence any pair can make must fit the model's max_position_embeddings."""
+    if llm.cfg.max_positions is None or not tokens.queries:
+        return
+    qid, query = max(tokens.queries.items(), key=lambda item: len(item[1]))
+    hints = len(template.hints_open) + len(template.hints_close) + max(len(query), cfg.top_k)
+    passage = max(tokens.passages.values(), key=len, default=[])
+    longest = len(template.prefix(passage)) + hints + len(template.question) + len(query) + 1  # eos
+    if longest > llm.cfg.max_positions:
+        raise ValueError(
+            f"query {qid!r}: its longest sequence has {longest} tokens, more than the model's "
+            f"{llm.cfg.max_positions} positions (lower --max-query-tokens or --max-passage-tokens)"
+        )
