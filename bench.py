@@ -272,17 +272,17 @@ def main(argv=None):
             if path == "fast":
                 loss, _ = train.batch_loss(llm, template, reranker, batch, tokens, paper)
             else:
-                pairs_ = train.batch_pairs(batch)
+                pairs_ = qpeft.batch_pairs(batch)
                 queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs_]
                 passages = [tokens.passages[d] for _, d, _ in pairs_]
                 scores = torch.stack(  # the definition, one pair at a time
                     [qpeft.score(llm, template, reranker, q, d) for q, d in zip(queries, passages)]
                 )
-                loss, _ = train.ranking_loss(scores, pairs_, paper)
+                loss, _ = qpeft.ranking_loss(scores, pairs_, paper)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return len(train.batch_pairs(batch))
+            return len(qpeft.batch_pairs(batch))
 
         reset_memory(device)
         step(batches[0])  # warm-up
@@ -299,7 +299,7 @@ def main(argv=None):
         pairs_ = [
             (len(tokens.queries[b[i].qid]), prefix_len[d])
             for b in batches
-            for i, d, _ in train.batch_pairs(b)
+            for i, d, _ in qpeft.batch_pairs(b)
         ]
         targets = sum(n + 1 for n, _ in pairs_)  # query tokens + eos
         # after the passage: hints (H holds the query's n vectors too), question, query, eos

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import data
 import eval as ir
 from eval import atomic_save
-from qpeft import METHODS, QPEFTConfig, Reranker, Template
+from qpeft import LOSSES, METHODS, QPEFTConfig, Reranker, Template
 from runtime import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -36,7 +36,6 @@ from runtime import (
 )
 from tokenizer import read_json
 from train import (
-    LOSSES,
     MEASURES,
     SELECT_ON,
     TrainConfig,

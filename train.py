@@ -3,23 +3,32 @@ ranking metric, early stopping, the best module kept, and resuming an interrupte
 
 import hashlib
 import json
-import random
 import subprocess
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
 import eval as ir
 from eval import atomic_save
-from qpeft import METHODS, QPEFTConfig, Reranker, Template, encode_prefixes, score_pairs
+from qpeft import (
+    LOSS_TERMS,
+    METHODS,
+    QPEFTConfig,
+    Reranker,
+    Template,
+    batch_counts,
+    batch_pairs,
+    encode_prefixes,
+    list_pairs,
+    ranking_loss,
+    score_pairs,
+)
 from runtime import (
     ADAPTER_CONFIG,
     check_positions,
@@ -32,8 +41,6 @@ from runtime import (
     tokenize,
     trainable_state,
 )
-
-LOSSES = ("paper", "listwise")
 
 
 @dataclass
@@ -54,87 +61,6 @@ class TrainConfig:
     dev_depth: int = 20  # first-stage candidates reranked per dev query at each check
     fit_queries: int = 16  # train queries ranked at each check too: is the train set fitted?
     seed: int = 0
-
-
-# ---- The losses: the paper's pointwise term + hinge over pairs, and a listwise alternative ---
-def batch_pairs(batch):
-    """(query index, docid, kind) for a batch of TrainExamples, kind "positive", "hard" (the query's
-    own hard negative) or "in-batch": each query meets its positive and, as negatives, the other
-    queries' positives and every query's hard negative (the official code's in-batch and hard
-    negatives: 7 per query at 4 queries, paper-digest §5.2)."""
-    pool = [e.positive_docid for e in batch] + [e.hard_negative_docid for e in batch]
-    pairs = []
-    for i, e in enumerate(batch):
-        # distinct negatives: a hard negative may be another query's positive, and must count once
-        negatives = dict.fromkeys(pool)
-        negatives.pop(e.positive_docid)
-        pairs.append((i, e.positive_docid, "positive"))
-        pairs += [(i, d, "hard" if d == e.hard_negative_docid else "in-batch") for d in negatives]
-    return pairs
-
-
-def list_pairs(batch, m, seed, epoch):
-    """(query index, docid, kind) for the listwise loss: each query's positive and m of its own
-    first-stage negatives (data.list_negative_pool; its hard negative where the pool is empty),
-    drawn anew each epoch, the same for the same seed, epoch and query."""
-    pairs = []
-    for i, e in enumerate(batch):
-        pool = [d for d in e.list_negatives if d != e.positive_docid] or [e.hard_negative_docid]
-        drawn = random.Random(f"{seed}:epoch{epoch}:{e.qid}").sample(pool, min(m, len(pool)))
-        pairs += [(i, e.positive_docid, "positive")] + [(i, d, "hard") for d in drawn]
-    return pairs
-
-
-def ranking_loss(scores, pairs, tc, lengths=None, counts=None):
-    """The loss of scored pairs and its diagnostics. NLL = -score, a mean per token.
-    paper:    L = w mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin) over negatives
-              (the margin on a per-token scale, as in the official code; w = 1 in the paper, 0 is
-              the official code's hinge-only `pairwise` variant);
-    listwise: L = w mean NLL(q, d+) + mean over queries of -log softmax(S)[d+], S the *summed* log
-              p(q | d) (score x lengths, the query's target count) of the positive and the query's
-              own negatives: the posterior of the positive among them under a uniform prior.
-    Diagnostics: the mean NLL of positives (the pointwise term), of own ("hard") and in-batch
-    negatives, and the mean gap
-    NLL(d-) - NLL(d+) of each kind (> 0: the order wanted), the share of active hinges, and the
-    pairwise accuracy (positive above the query's own negatives). `counts` (queries, hard pairs,
-    in-batch pairs of the whole batch; default: these pairs') divide the sums, so that the values
-    of the processes that share a batch add up to the whole batch's."""
-    nll = -scores  # (N,)
-    dev = nll.device
-    kind = [k for _, _, k in pairs]
-    queries, hard_pairs, in_batch_pairs = counts or batch_counts(pairs)
-    is_pos = torch.tensor([k == "positive" for k in kind], device=dev)  # (N,)
-    query = torch.tensor([i for i, _, _ in pairs], device=dev)  # (N,) each pair's query
-    nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=dev)  # (B,)
-    nll_pos = nll_pos.index_copy(0, query[is_pos], nll[is_pos])  # (B,) 0 for others' queries
-    gap = nll[~is_pos] - nll_pos[query[~is_pos]]  # (N - B,) < 0: wrong order
-    hard = torch.tensor([k == "hard" for k in kind], device=dev)[~is_pos]  # (N - B,)
-    terms = {
-        "pointwise": nll_pos.sum() / queries,
-        "accuracy": (gap[hard] > 0).sum() / max(hard_pairs, 1),
-        "nll_hard": nll[~is_pos][hard].sum() / max(hard_pairs, 1),
-        "nll_in_batch": nll[~is_pos][~hard].sum() / max(in_batch_pairs, 1),
-        "gap_hard": gap[hard].sum() / max(hard_pairs, 1),
-        "gap_in_batch": gap[~hard].sum() / max(in_batch_pairs, 1),
-    }
-    if tc.loss == "paper":
-        hinge = F.relu(tc.margin - gap)  # (N - B,)
-        negatives = hard_pairs + in_batch_pairs
-        terms.update(hinge=hinge.sum() / negatives, active=(hinge > 0).sum() / negatives)
-        return tc.pointwise_weight * terms["pointwise"] + terms["hinge"], terms
-    summed = scores * lengths  # (N,) log p(q | d) summed over the query's targets
-    listwise = []
-    for i in query.unique():  # a query's positive comes first among its pairs (list_pairs)
-        mine = summed[query == i]  # (1 + m,)
-        listwise.append(mine.logsumexp(0) - mine[0])
-    terms["listwise"] = torch.stack(listwise).sum() / queries
-    return tc.pointwise_weight * terms["pointwise"] + terms["listwise"], terms
-
-
-def batch_counts(pairs):
-    """(queries, own-negative pairs, in-batch pairs) of a list of pairs."""
-    kinds = Counter(k for _, _, k in pairs)
-    return kinds["positive"], kinds["hard"], kinds["in-batch"]
 
 
 def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1), epoch=0):
@@ -164,10 +90,6 @@ def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1), epoch=0
     scores = score_pairs(llm, template, reranker, prefix, rows, queries, passages)  # (N,)
     lengths = torch.tensor([len(q) + 1 for q in queries], device=scores.device)  # (N,) query + eos
     return ranking_loss(scores, pairs, tc, lengths, counts)
-
-
-DIAGNOSTICS = ["pointwise", "accuracy", "nll_hard", "nll_in_batch", "gap_hard", "gap_in_batch"]
-LOSS_TERMS = {"paper": DIAGNOSTICS + ["hinge", "active"], "listwise": DIAGNOSTICS + ["listwise"]}
 
 
 class TrainingLoss(nn.Module):

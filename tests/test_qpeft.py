@@ -418,17 +418,17 @@ def test_list_pairs_draw_m_negatives_per_epoch():
     whose pool is empty (a first stage too short) falls back on its hard negative."""
     pool = tuple(f"n{i}" for i in range(10))
     batch = [TrainExample("q1", "p1", "n0", list_negatives=pool), TrainExample("q2", "p2", "x")]
-    pairs = train.list_pairs(batch, 3, seed=0, epoch=0)
+    pairs = qpeft.list_pairs(batch, 3, seed=0, epoch=0)
     assert pairs[0] == (0, "p1", "positive") and pairs[-2:] == [
         (1, "p2", "positive"),
         (1, "x", "hard"),
     ]
     drawn = [d for i, d, kind in pairs if i == 0 and kind == "hard"]
     assert len(set(drawn)) == 3 and set(drawn) <= set(pool)
-    assert train.list_pairs(batch, 3, seed=0, epoch=0) == pairs
-    epochs = {tuple(train.list_pairs(batch, 3, seed=0, epoch=e)[1:4]) for e in range(5)}
+    assert qpeft.list_pairs(batch, 3, seed=0, epoch=0) == pairs
+    epochs = {tuple(qpeft.list_pairs(batch, 3, seed=0, epoch=e)[1:4]) for e in range(5)}
     assert len(epochs) > 1
-    assert len(train.list_pairs(batch, 50, seed=0, epoch=0)) == 1 + 10 + 2  # at most the pool
+    assert len(qpeft.list_pairs(batch, 50, seed=0, epoch=0)) == 1 + 10 + 2  # at most the pool
 
 
 def test_pairwise_accuracy_by_hand():
@@ -455,7 +455,7 @@ def test_batch_pairs_counts_each_negative_once():
         TrainExample("q2", "B", "b"),
         TrainExample("q3", "A", "c"),
     ]
-    assert train.batch_pairs(batch) == [
+    assert qpeft.batch_pairs(batch) == [
         (0, "A", "positive"),
         (0, "B", "hard"),
         (0, "b", "in-batch"),
@@ -590,7 +590,7 @@ def expected_gradient_rows(method, reranker, llm, template, batch, tokens):
     tokens (attention queries); for qpeft-r, the top-k passage tokens selected for each pair (not
     the query's, which only rank candidates, without a gradient)."""
     rows = set(template.hints_open + template.hints_close)
-    for i, docid, _ in train.batch_pairs(batch):
+    for i, docid, _ in qpeft.batch_pairs(batch):
         query = tokens.queries[batch[i].qid]
         rows |= (
             set(query)
