@@ -89,13 +89,17 @@ class Template:
 # ---- The trainable part of each method ------------------------------------------------------
 class Reranker(nn.Module):
     """The trainable parameters of one method around a frozen LLM. The LLM is passed to every
-    call instead of being a submodule, so it is never trained, moved or saved with this module."""
+    call instead of being a submodule, so it is never trained, moved or saved with this module.
+    What a method does follows from what its module has: a soft_prompt (prompt), an mlp that
+    makes a hint block H (qpeft-r, qpeft-a), and an attention that chooses its input (qpeft-a;
+    without it, the top-k tokens of qpeft-r); zeroshot has none of them."""
 
     def __init__(self, cfg, llm, template):
         super().__init__()
         self.cfg = cfg
         E = llm.tok_embeddings.weight.detach()  # (V, D) frozen
         D = E.shape[1]
+        self.soft_prompt = self.hint_embeddings = self.mlp = self.attention = None
         if cfg.method == "prompt":  # soft prompt initialised from the instruction's embeddings
             self.soft_prompt = nn.Parameter(E[template.prompt].float().clone())  # (P, D)
         if cfg.method in ("qpeft-r", "qpeft-a"):
@@ -126,7 +130,7 @@ class Reranker(nn.Module):
     def hint_block(self, llm, template, queries, passages):
         """H per pair: a list of (h_i, D) float32 tensors; queries/passages: id lists per pair."""
         dev = llm.tok_embeddings.weight.device
-        if self.cfg.method == "qpeft-r":
+        if self.attention is None:  # qpeft-r
             ids, counts = select_top_k(self, llm, queries, passages, self.cfg.top_k)  # (N, k), (N,)
             opening = torch.tensor(template.hints_open, device=dev).expand(len(ids), -1)  # (N, o)
             closing = torch.tensor(template.hints_close, device=dev).expand(len(ids), -1)  # (N, c)
@@ -168,22 +172,22 @@ def score(llm, template, reranker, query, passage):
 
     (P the soft prompt for `prompt`; H the hint block of qpeft-r / qpeft-a, absent otherwise),
     run the LLM over the whole sequence once, and average log p(token | everything before it)
-    over the query's tokens and eos. query, passage: token ids. Returns a float32 scalar. The fast
+    over the query's tokens and eos. reranker: a Reranker (method zeroshot: plain query
+    likelihood); query, passage: token ids. Returns a float32 scalar. The fast
     path below (encode_prefixes + score_pairs) computes the same for batches of pairs, sharing
     what does not depend on the query; tests/test_qpeft.py checks that the two agree."""
     dev = llm.tok_embeddings.weight.device
-    method = reranker.cfg.method if reranker is not None else "zeroshot"
     E = llm.tok_embeddings  # the frozen table
     pieces = [E(torch.tensor(template.prefix(passage), device=dev))]  # (S, D) P + passage
-    if method == "prompt":  # the trainable P in place of the instruction's embeddings
+    if reranker.soft_prompt is not None:  # prompt: the trainable P in the instruction's place
         b, P = len(template.bos), len(template.prompt)
         soft_prompt = reranker.soft_prompt.to(pieces[0].dtype)  # (P, D)
         pieces[0] = torch.cat([pieces[0][:b], soft_prompt, pieces[0][b + P :]])
-    if method == "qpeft-r":  # H = MLP(E'("hints: "), E'(the k passage tokens nearest), E'("\n"))
+    if reranker.mlp is not None and reranker.attention is None:  # qpeft-r: H from top-k tokens
         hints = top_k_tokens(reranker, llm, query, passage, reranker.cfg.top_k)
         ids = torch.tensor(template.hints_open + hints + template.hints_close, device=dev)
         pieces.append(reranker.hint_mlp(reranker.embed_hint_ids(llm, ids)).to(pieces[0].dtype))
-    if method == "qpeft-a":  # H = MLP(E'("hints: "), attention(E'(query), E(passage)), E'("\n"))
+    if reranker.attention is not None:  # qpeft-a: H from attention over the passage
         keys = E(torch.tensor(passage, device=dev)).float()[None]  # (1, Ld, D)
         queries = reranker.embed_hint_ids(llm, torch.tensor(query, device=dev))[None]  # (1, Lq, D)
         attended, _ = reranker.attention(queries, keys, keys, need_weights=False)  # (1, Lq, D)
@@ -260,7 +264,7 @@ def embed_head(llm, template, reranker):
     """Input embeddings (S_head, D) of the head, with the trainable soft prompt in P's place after
     bos for the `prompt` method."""
     head = llm.tok_embeddings(torch.tensor(template.head, device=llm.tok_embeddings.weight.device))
-    if reranker is None or reranker.cfg.method != "prompt":
+    if reranker is None or reranker.soft_prompt is None:
         return head
     b, P = len(template.bos), len(template.prompt)
     return torch.cat([head[:b], reranker.soft_prompt.to(head.dtype), head[b + P :]])  # (S_head, D)
@@ -293,7 +297,7 @@ def score_pairs(llm, template, reranker, prefix, rows, queries, passages):
     dev = llm.tok_embeddings.weight.device
     rows = torch.tensor(rows, device=dev)  # (N,)
     hints = [None] * len(queries)  # zeroshot and prompt: no H
-    if reranker is not None and reranker.cfg.method in ("qpeft-r", "qpeft-a"):
+    if reranker is not None and reranker.mlp is not None:
         hints = reranker.hint_block(llm, template, queries, passages)  # (h_i, D) each
     dtype = llm.tok_embeddings.weight.dtype
     suffixes, targets, first_target = [], [], []

@@ -186,7 +186,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
         start = time.perf_counter()
         if prefixes is not None and b in prefixes:
             shared = prefixes[b]
-        elif any(r.cfg.method != "prompt" for r in rerankers.values()):
+        elif any(r.soft_prompt is None for r in rerankers.values()):
             shared = encode_prefixes(llm, template, None, passages)
         if prefixes is not None:
             prefixes[b] = shared
@@ -196,7 +196,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
         keys += [(qid, docids[batch[row]]) for row, qid in pairs]
         for method, reranker in rerankers.items():
             start = time.perf_counter()
-            own_prompt = reranker.cfg.method == "prompt"
+            own_prompt = reranker.soft_prompt is not None
             prefix = encode_prefixes(llm, template, reranker, passages) if own_prompt else shared
             # suffix batches no larger than the passage batch
             for chunk in range(0, len(pairs), len(batch)):
@@ -215,7 +215,7 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
     # Each method is charged the shared passage pass too, as if it had run alone; under torchrun
     # the slowest process's time.
     timing = {
-        m: max(gather(seconds[m] + (shared_seconds if r.cfg.method != "prompt" else 0.0)))
+        m: max(gather(seconds[m] + (shared_seconds if r.soft_prompt is None else 0.0)))
         for m, r in rerankers.items()
     }
     return scores, timing

@@ -82,7 +82,7 @@ def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1), epoch=0
     docids = sorted({d for _, d, _ in pairs})
     row = {d: i for i, d in enumerate(docids)}
     # each distinct passage once; gradients only reach the prefix through the soft prompt
-    with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.cfg.method == "prompt"):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and reranker.soft_prompt is not None):
         prefix = encode_prefixes(llm, template, reranker, [tokens.passages[d] for d in docids])
     rows = [row[d] for _, d, _ in pairs]
     queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs]
@@ -153,7 +153,7 @@ def dev_check(llm, template, reranker, dev, tc, tokens, token_budget=4096):
 def rank_check(llm, template, reranker, checked, tokens, token_budget):
     """trec_eval means and the pairwise accuracy of the module on a DevSet's candidates."""
     # the frozen prefix's keys/values do not change with training; the soft prompt's do
-    cached = checked.prefixes if reranker.cfg.method != "prompt" else None
+    cached = checked.prefixes if reranker.soft_prompt is None else None
     scores, _ = rerank(
         llm, template, {"m": reranker}, checked.candidates, tokens, token_budget, None, cached
     )

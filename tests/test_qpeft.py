@@ -310,7 +310,7 @@ def test_batch_loss_by_hand(monkeypatch):
 
     monkeypatch.setattr(train, "score_pairs", fake_score_pairs)
     monkeypatch.setattr(train, "encode_prefixes", lambda *args: None)
-    reranker = SimpleNamespace(cfg=SimpleNamespace(method="qpeft-a"))
+    reranker = SimpleNamespace(soft_prompt=None)  # a module without a soft prompt
     batch = [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")]
     loss, terms = batch_loss(None, None, reranker, batch, tokens, TrainConfig(margin=0.5))
     # negatives: the other query's positive and both hard negatives (in-batch + hard), nothing else
@@ -381,7 +381,7 @@ def test_listwise_loss_by_hand(monkeypatch):
 
     monkeypatch.setattr(train, "score_pairs", fake_score_pairs)
     monkeypatch.setattr(train, "encode_prefixes", lambda *args: None)
-    reranker = SimpleNamespace(cfg=SimpleNamespace(method="qpeft-a"))
+    reranker = SimpleNamespace(soft_prompt=None)  # a module without a soft prompt
     batch = [
         TrainExample("q1", "A", "a1", list_negatives=("a1", "a2")),
         TrainExample("q2", "B", "b1", list_negatives=("b1", "b2")),
