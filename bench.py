@@ -32,7 +32,7 @@ import data
 import qpeft
 import runtime
 import train
-from model import LlamaConfig, Transformer, default_dtype, load, rope_frequencies
+from model import LlamaConfig, Transformer, default_dtype, rope_frequencies
 
 # Random weights in the shapes of bigger Llamas (config.json values), with the tokenizer of --model:
 # the vocabulary is the tokenizer's, so the logits cost what that tokenizer's would.
@@ -162,7 +162,7 @@ def main(argv=None):
     )
 
     model_dir = data.find_asset(args.model, "models")
-    llm, tokenizer = load(model_dir, dtype=dtype, device=device)
+    llm, tokenizer = runtime.load_llm(model_dir, dtype, device)
     if args.shape:
         llm = random_model(llm.cfg, SHAPES[args.shape], dtype, device)
     cfg = llm.cfg
@@ -178,7 +178,7 @@ def main(argv=None):
     texts.update({d: " " + dataset.corpus[d] for d in train_docids})
     query_ids = list(candidates) + [e.qid for e in examples]
     max_tokens = qpeft.QPEFTConfig().max_passage_tokens
-    tokens = qpeft.TokenIds(
+    tokens = runtime.TokenIds(
         passages=data.tokenize_texts(tokenizer, texts, max_tokens=max_tokens),
         queries=data.tokenize_texts(tokenizer, {q: dataset.queries[q] for q in query_ids}),
     )

@@ -38,6 +38,7 @@ from tokenizer import read_json
 from train import (
     MEASURES,
     SELECT_ON,
+    Setting,
     TrainConfig,
     dev_check,
     dev_line,
@@ -469,7 +470,8 @@ def run_command(args, argv):
         metrics.setdefault("zeroshot", {})["dev_check"] = reference
         for method in trained:
             cfg = replace(base_cfg, method=method)
-            runs = train_seeds(llm, tokenizer, cfg, tc, seeds, examples, dev, tokens, args, log)
+            setting = Setting(llm, tokenizer, dev, tokens, Path(args.out), log, args.resume)
+            runs = train_seeds(setting, cfg, tc, seeds, examples, args)
             for name, (reranker, training) in runs.items():
                 rerankers[name] = reranker
                 if training:  # None: an adapter reused by --resume keeps its earlier record
@@ -512,7 +514,7 @@ def run_command(args, argv):
         dist.destroy_process_group()
 
 
-def train_seeds(llm, tokenizer, cfg, tc, seeds, examples, dev, tokens, args, log):
+def train_seeds(setting, cfg, tc, seeds, examples, args):
     """{run name: (reranker, training record)}: the method of `cfg` trained once per seed, each
     run saved as the adapter folder --out/{run name} (train.fit)."""
     inputs = {
@@ -522,20 +524,7 @@ def train_seeds(llm, tokenizer, cfg, tc, seeds, examples, dev, tokens, args, log
     runs = {}
     for seed in seeds:
         name = run_name(cfg.method, seed, len(seeds))
-        runs[name] = fit(
-            llm,
-            tokenizer,
-            cfg,
-            replace(tc, seed=seed),
-            examples[seed],
-            dev,
-            tokens,
-            Path(args.out),
-            log,
-            name,
-            args.resume,
-            inputs,
-        )
+        runs[name] = fit(setting, cfg, replace(tc, seed=seed), examples[seed], name, inputs)
     return runs
 
 

@@ -22,7 +22,7 @@ are computed only where the query is predicted.
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -44,16 +44,6 @@ class QPEFTConfig:
     residual_mlp: bool = False  # H = x + MLP(x), MLP starts at 0 (not in the paper; off = faithful)
     max_passage_tokens: int = 160  # passages are cut to this many tokens, keeping the start
     max_query_tokens: int = 64  # queries too (a query is also the hint block of qpeft-a)
-
-
-@dataclass
-class TokenIds:
-    """Token ids of passages and queries, kept apart: MS MARCO numbers both with the same kind
-    of id strings (passage 1072603 and query 1072603 both exist), so one table would mix them."""
-
-    passages: dict  # docid -> ids of " {passage}", cut to max_passage_tokens
-    queries: dict  # qid -> ids of "{query}"
-    cut: dict = field(default_factory=dict)  # "passages"/"queries" -> {cut, of, limit, mean}
 
 
 # ---- The input template, tokenised piece by piece -------------------------------------------

@@ -7,7 +7,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +23,6 @@ from qpeft import (
     QPEFTConfig,
     Reranker,
     Template,
-    TokenIds,
     encode_prefixes,
     score_pairs,
     trainable_state,
@@ -222,6 +221,16 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
 
 
 # ---- Texts to token ids within the module's limits -----------------------------------------
+@dataclass
+class TokenIds:
+    """Token ids of passages and queries, kept apart: MS MARCO numbers both with the same kind
+    of id strings (passage 1072603 and query 1072603 both exist), so one table would mix them."""
+
+    passages: dict  # docid -> ids of " {passage}", cut to max_passage_tokens
+    queries: dict  # qid -> ids of "{query}"
+    cut: dict = field(default_factory=dict)  # "passages"/"queries" -> {cut, of, limit, mean}
+
+
 def tokenize(tokenizer, cfg, queries, passages, log=None):
     """TokenIds of {qid: text} and {docid: text}, cut to the module's limits; a passage is
     tokenised with its leading space (the template ends with "Passage:")."""

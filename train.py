@@ -196,9 +196,22 @@ def number(value):
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def train(
-    llm, template, reranker, train_examples, dev, tokens, tc, out, log, resume=False, name=None
-):
+@dataclass
+class Setting:
+    """What the training runs of one command share: the frozen LLM and its tokenizer, the dev
+    set, the token ids of every text they score, the output folder (None: no files), the log,
+    and whether to resume interrupted runs there."""
+
+    llm: object  # model.Transformer, frozen
+    tokenizer: object
+    dev: DevSet
+    tokens: object  # runtime.TokenIds
+    out: Path | None = None
+    log: object = print
+    resume: bool = False
+
+
+def train(setting, reranker, train_examples, tc, name=None):
     """AdamW on the trainable parameters (fp32, like their optimizer state), early stopping on the
     dev ranking measure SELECT_ON; the module of the best dev check is kept, the untrained one
     (step 0) included. Training runs tc.epochs passes over the train queries (else tc.steps
@@ -207,8 +220,9 @@ def train(
     batches, dropout masks and AdamW state) from out/{name}.resume.json + .safetensors, written
     every tc.save_every steps and at every check (out None: no files). `name` (default: the
     method) names the files and log lines of this run."""
-    method = reranker.cfg.method
-    name = name or method
+    llm, dev, tokens, out, log = setting.llm, setting.dev, setting.tokens, setting.out, setting.log
+    template = Template(setting.tokenizer, reranker.cfg.instruction)
+    name = name or reranker.cfg.method
     # No weight decay on E': AdamW's decay would shrink all of its ~49k rows at every step, while a
     # batch's gradient reaches only the few dozen rows of its hint and query tokens.
     trainable = [(n, p) for n, p in reranker.named_parameters() if p.requires_grad]
@@ -235,7 +249,7 @@ def train(
     # what a resumed run must share with the interrupted one: module, training, data
     examples = hashlib.sha256(json.dumps([asdict(e) for e in train_examples]).encode())
     resume_config = [asdict(reranker.cfg), asdict(tc), examples.hexdigest()]
-    if resume and resume_files and resume_files[0].exists():
+    if setting.resume and resume_files and resume_files[0].exists():
         state = load_resume(resume_files, reranker, optimizer, resume_config)
         log(f"{name}: resumed at step {state['step']} from {resume_files[0]}")
     else:  # the untrained module is the first candidate: training must beat it on dev
@@ -450,12 +464,14 @@ def training_inputs(dataset, extra_train, tc, seeds, train_queries=0):
     return examples, dev, passages, queries
 
 
-def fit(llm, tokenizer, cfg, tc, examples, dev, tokens, out, log, name, resume=False, extra=None):
-    """One trained module and its training record: trained (or, with `resume` and a finished
-    adapter in out/name, reloaded) and saved as the adapter folder out/name (out None: unsaved)."""
+def fit(setting, cfg, tc, examples, name, extra=None):
+    """One trained module and its training record: trained (or, with setting.resume and a
+    finished adapter in out/name, reloaded) and saved as the adapter folder out/name (out None:
+    unsaved)."""
+    llm, out, log = setting.llm, setting.out, setting.log
     folder = out / name if out else None
-    if resume and folder and (folder / ADAPTER_CONFIG).exists():
-        reranker = load_adapter(folder, llm, tokenizer)
+    if setting.resume and folder and (folder / ADAPTER_CONFIG).exists():
+        reranker = load_adapter(folder, llm, setting.tokenizer)
         saved = json.loads((folder / ADAPTER_CONFIG).read_text())
         same_run = {"seed": tc.seed, **(extra or {})}
         found = {"seed": saved["train"]["seed"], **{k: saved.get(k) for k in extra or {}}}
@@ -469,20 +485,17 @@ def fit(llm, tokenizer, cfg, tc, examples, dev, tokens, out, log, name, resume=F
         log(f"{name}: reusing trained adapter {folder} ({ignored})")
         return reranker, saved["training"]
     torch.manual_seed(tc.seed)  # a method's initial weights do not depend on which ran before
-    template = Template(tokenizer, cfg.instruction)
-    reranker = Reranker(cfg, llm, template)
+    reranker = Reranker(cfg, llm, Template(setting.tokenizer, cfg.instruction))
     log(f"{name}: {reranker.trainable_parameters():,} trainable parameters (fp32), seed {tc.seed}")
     start = time.perf_counter()
-    reranker, state = train(
-        llm, template, reranker, examples, dev, tokens, tc, out, log, resume=resume, name=name
-    )
+    reranker, state = train(setting, reranker, examples, tc, name)
     record = {
         "seconds": round(time.perf_counter() - start, 1),
         "seed": tc.seed,
         "steps": state["step"],
         "best_step": state["best_step"],
         "best_dev": state["best_dev"],
-        "dev_split": dev.split,
+        "dev_split": setting.dev.split,
         "train_queries": len(examples),
         "history": state["history"],
     }
@@ -518,9 +531,8 @@ def train_adapter(llm, tokenizer, method, data_name, out, log, **settings):
     if out:
         out.mkdir(parents=True, exist_ok=True)
     names = {"data": dataset.name, "train_data": [d.name for d in extra]}
-    reranker, _ = fit(
-        llm, tokenizer, cfg, tc, examples[tc.seed], dev, tokens, out, log, method, extra=names
-    )
+    setting = Setting(llm, tokenizer, dev, tokens, out, log)
+    reranker, _ = fit(setting, cfg, tc, examples[tc.seed], method, extra=names)
     return reranker
 
 

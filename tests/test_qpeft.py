@@ -31,12 +31,11 @@ from qpeft import (
     QPEFTConfig,
     Reranker,
     Template,
-    TokenIds,
     encode_prefixes,
     score_pairs,
     select_top_k,
 )
-from runtime import load_adapter, save_adapter
+from runtime import TokenIds, load_adapter, save_adapter
 from train import TrainConfig, batch_loss
 
 TOKENIZER_JSON = SHARED / "models" / "smollm2-135m-instruct" / "tokenizer.json"
@@ -284,13 +283,29 @@ def test_attention_hint_block_ignores_padding(tiny):
 
 
 # ---- the loss on known numbers ---------------------------------------------------------------
+def scores_from_table(monkeypatch, tokens, table):
+    """Make batch_loss score pairs from `table` {(qid, docid): mean log-prob} instead of the LLM.
+    Returns two lists that fill as it runs: the score tensors (their .grad after backward: dL/ds)
+    and, per call, the (qid, docid) pairs scored. Token "ids" are just labels of the texts."""
+    name = {tuple(v): k for k, v in {**tokens.queries, **tokens.passages}.items()}
+    scored, pairs = [], []
+
+    def fake_score_pairs(llm, template, reranker, prefix, rows, queries, passages):
+        pairs.append([(name[tuple(q)], name[tuple(p)]) for q, p in zip(queries, passages)])
+        scored.append(torch.tensor([table[k] for k in pairs[-1]], requires_grad=True))
+        return scored[-1] * 1  # not a leaf, like a real score: its grad lands in scored[-1].grad
+
+    monkeypatch.setattr(train, "score_pairs", fake_score_pairs)
+    monkeypatch.setattr(train, "encode_prefixes", lambda *args: None)
+    return scored, pairs
+
+
 def test_batch_loss_by_hand(monkeypatch):
     # Two queries: q1 (positive A, hard negative a), q2 (positive B, hard negative b). Token "ids"
     # are just labels; score_pairs is replaced by a table of mean log-probs s, NLL = -s.
     tokens = TokenIds(
         queries={"q1": [1], "q2": [2]}, passages={"A": [10], "a": [11], "B": [20], "b": [21]}
     )
-    name = {tuple(v): k for k, v in {**tokens.queries, **tokens.passages}.items()}
     s = {
         ("q1", "A"): -1.0,
         ("q1", "B"): -1.6,
@@ -301,15 +316,7 @@ def test_batch_loss_by_hand(monkeypatch):
         ("q2", "b"): -2.2,
         ("q2", "a"): -1.7,
     }
-    scored, pairs = [], []
-
-    def fake_score_pairs(llm, template, reranker, prefix, rows, queries, passages):
-        pairs.append([(name[tuple(q)], name[tuple(p)]) for q, p in zip(queries, passages)])
-        scored.append(torch.tensor([s[k] for k in pairs[-1]], requires_grad=True))
-        return scored[-1] * 1  # not a leaf, like a real score: its grad lands in scored[-1].grad
-
-    monkeypatch.setattr(train, "score_pairs", fake_score_pairs)
-    monkeypatch.setattr(train, "encode_prefixes", lambda *args: None)
+    scored, pairs = scores_from_table(monkeypatch, tokens, s)
     reranker = SimpleNamespace(soft_prompt=None)  # a module without a soft prompt
     batch = [TrainExample("q1", "A", "a"), TrainExample("q2", "B", "b")]
     loss, terms = batch_loss(None, None, reranker, batch, tokens, TrainConfig(margin=0.5))
@@ -363,7 +370,6 @@ def test_listwise_loss_by_hand(monkeypatch):
         queries={"q1": [1, 5], "q2": [2]},  # 3 and 2 targets (the query's tokens + eos)
         passages={d: [10 + i] for i, d in enumerate(["A", "a1", "a2", "B", "b1", "b2"])},
     )
-    name = {tuple(v): k for k, v in {**tokens.queries, **tokens.passages}.items()}
     s = {  # mean log-probs per token
         ("q1", "A"): -1.0,
         ("q1", "a1"): -0.8,
@@ -372,15 +378,7 @@ def test_listwise_loss_by_hand(monkeypatch):
         ("q2", "b1"): -2.5,
         ("q2", "b2"): -1.5,
     }
-    scored, pairs = [], []
-
-    def fake_score_pairs(llm, template, reranker, prefix, rows, queries, passages):
-        pairs.append([(name[tuple(q)], name[tuple(p)]) for q, p in zip(queries, passages)])
-        scored.append(torch.tensor([s[k] for k in pairs[-1]], requires_grad=True))
-        return scored[-1] * 1
-
-    monkeypatch.setattr(train, "score_pairs", fake_score_pairs)
-    monkeypatch.setattr(train, "encode_prefixes", lambda *args: None)
+    scored, pairs = scores_from_table(monkeypatch, tokens, s)
     reranker = SimpleNamespace(soft_prompt=None)  # a module without a soft prompt
     batch = [
         TrainExample("q1", "A", "a1", list_negatives=("a1", "a2")),
@@ -624,17 +622,8 @@ def test_one_training_step_moves_exactly_what_has_a_gradient(
         rows = expected_gradient_rows(method, reranker, llm, template, batch, tokens)
     checks = iter([0.1, 0.2])  # the step beats the untrained module on dev, so it is kept
     monkeypatch.setattr(train, "dev_check", lambda *args: dev_record(next(checks)))
-    reranker, state = train.train(
-        llm,
-        template,
-        reranker,
-        train_examples,
-        tiny_dev_set(dev_examples),
-        tokens,
-        tc,
-        tmp_path,
-        lambda message: None,
-    )
+    setting = train.Setting(llm, tokenizer, tiny_dev_set(dev_examples), tokens, tmp_path, print)
+    reranker, state = train.train(setting, reranker, train_examples, tc)
     assert state["step"] == 1 and state["best_step"] == 1
     for name, tensor in llm.state_dict().items():
         assert torch.equal(tensor, llm_before[name]), name
@@ -669,17 +658,10 @@ def test_training_keeps_the_module_of_the_best_dev_check(tiny, tmp_path, monkeyp
     monkeypatch.setattr(train, "dev_check", fake_dev_check)
     tc = TrainConfig(steps=3, queries_per_batch=2, eval_every=1, patience=5)
     messages = []
-    reranker, state = train.train(
-        llm,
-        template,
-        reranker,
-        train_examples,
-        tiny_dev_set(dev_examples),
-        tokens,
-        tc,
-        tmp_path,
-        messages.append,
+    setting = train.Setting(
+        llm, tokenizer, tiny_dev_set(dev_examples), tokens, tmp_path, messages.append
     )
+    reranker, state = train.train(setting, reranker, train_examples, tc)
     assert state["best_step"] == 1 and state["step"] == 3 and len(seen) == 4
     kept = qpeft.trainable_state(reranker)
     for name, tensor in kept.items():
@@ -689,17 +671,8 @@ def test_training_keeps_the_module_of_the_best_dev_check(tiny, tmp_path, monkeyp
     # when no step beats the untrained module, the log says so plainly
     values = iter([0.5, 0.4])
     reranker = Reranker(QPEFTConfig(method="qpeft-a"), llm, template)
-    _, state = train.train(
-        llm,
-        template,
-        reranker,
-        train_examples,
-        tiny_dev_set(dev_examples),
-        tokens,
-        TrainConfig(steps=1, queries_per_batch=2, eval_every=1),
-        tmp_path,
-        messages.append,
-    )
+    tc = TrainConfig(steps=1, queries_per_batch=2, eval_every=1)
+    _, state = train.train(setting, reranker, train_examples, tc)
     assert state["best_step"] == 0 and "no training step beat the untrained module" in messages[-1]
 
 
@@ -1294,9 +1267,8 @@ def test_resume_between_dev_checks_is_bit_exact(tiny, tmp_path, monkeypatch, los
         out.mkdir(exist_ok=True)
         torch.manual_seed(0)
         reranker = make_reranker("qpeft-a", llm, template)
-        return train.train(
-            llm, template, reranker, examples, dev, tokens, tc, out, messages.append, resume
-        )
+        setting = train.Setting(llm, tokenizer, dev, tokens, out, messages.append, resume)
+        return train.train(setting, reranker, examples, tc)
 
     straight, straight_state = run(tmp_path / "straight")
     assert [h["step"] for h in straight_state["history"]] == [0, 4, 8]
