@@ -468,9 +468,9 @@ def run_command(args, argv):
     if trained:
         reference = log_training_inputs(llm, template, examples[seeds[0]], dev, tc, tokens, log)
         metrics.setdefault("zeroshot", {})["dev_check"] = reference
+        setting = Setting(llm, tokenizer, dev, tokens, Path(args.out), log, args.resume)
         for method in trained:
             cfg = replace(base_cfg, method=method)
-            setting = Setting(llm, tokenizer, dev, tokens, Path(args.out), log, args.resume)
             runs = train_seeds(setting, cfg, tc, seeds, examples, args)
             for name, (reranker, training) in runs.items():
                 rerankers[name] = reranker

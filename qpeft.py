@@ -398,11 +398,12 @@ def ranking_loss(scores, pairs, tc, lengths=None, counts=None):
         negatives = hard_pairs + in_batch_pairs
         terms.update(hinge=hinge.sum() / negatives, active=(hinge > 0).sum() / negatives)
         return tc.pointwise_weight * terms["pointwise"] + terms["hinge"], terms
+    if lengths is None:
+        raise ValueError("the listwise loss needs each pair's target count (lengths)")
     summed = scores * lengths  # (N,) log p(q | d) summed over the query's targets
-    listwise = []
-    for i in query.unique():  # a query's positive comes first among its pairs (list_pairs)
-        mine = summed[query == i]  # (1 + m,)
-        listwise.append(mine.logsumexp(0) - mine[0])
+    # each query's pairs are consecutive, its positive first (list_pairs)
+    group_sizes = torch.unique_consecutive(query, return_counts=True)[1].tolist()
+    listwise = [s.logsumexp(0) - s[0] for s in summed.split(group_sizes)]  # -log softmax(S)[d+]
     terms["listwise"] = torch.stack(listwise).sum() / queries
     return tc.pointwise_weight * terms["pointwise"] + terms["listwise"], terms
 

@@ -18,6 +18,7 @@ import eval as ir
 from eval import atomic_save
 from qpeft import (
     LOSS_TERMS,
+    LOSSES,
     METHODS,
     QPEFTConfig,
     Reranker,
@@ -61,6 +62,10 @@ class TrainConfig:
     dev_depth: int = 20  # first-stage candidates reranked per dev query at each check
     fit_queries: int = 16  # train queries ranked at each check too: is the train set fitted?
     seed: int = 0
+
+    def __post_init__(self):  # the API's keywords get the command line's check
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
 
 
 def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1), epoch=0):
@@ -172,7 +177,7 @@ def pairwise_accuracy(scores, qrels, level):
     for qid, scored in scores.items():
         judged = qrels.get(qid, {})
         pos = [s for d, s in scored.items() if judged.get(d, 0) >= level]
-        neg = [s for d, s in scored.items() if d in judged and judged[d] < level]
+        neg = [s for d, s in scored.items() if 0 <= judged.get(d, -1) < level]  # < 0: unjudged
         if pos and neg:
             right = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
             shares.append(right / (len(pos) * len(neg)))
@@ -247,8 +252,9 @@ def train(setting, reranker, train_examples, tc, name=None):
         (out / f"{name}.resume.json", out / f"{name}.resume.safetensors") if out else None
     )
     # what a resumed run must share with the interrupted one: module, training, data
-    examples = hashlib.sha256(json.dumps([asdict(e) for e in train_examples]).encode())
-    resume_config = [asdict(reranker.cfg), asdict(tc), examples.hexdigest()]
+    data_digest = hashlib.sha256(json.dumps([asdict(e) for e in train_examples]).encode())
+    llm_sha256 = getattr(llm, "sha256", None)  # runtime.load_llm's fingerprint of the model
+    resume_config = [asdict(reranker.cfg), asdict(tc), data_digest.hexdigest(), llm_sha256]
     if setting.resume and resume_files and resume_files[0].exists():
         state = load_resume(resume_files, reranker, optimizer, resume_config)
         log(f"{name}: resumed at step {state['step']} from {resume_files[0]}")
@@ -267,8 +273,9 @@ def train(setting, reranker, train_examples, tc, name=None):
     per_epoch = max(1, len(train_examples) // tc.queries_per_batch)  # a last small batch: next
     total = tc.epochs * per_epoch if tc.epochs else tc.steps
     check_every = tc.eval_every or per_epoch
+    first = state["step"]  # 0, or the step a resumed run continues from
     bar = tqdm(
-        range(state["step"], total),
+        range(first, total),
         desc=f"train {name}",
         initial=state["step"],
         total=total,
@@ -281,7 +288,7 @@ def train(setting, reranker, train_examples, tc, name=None):
             break
         epoch, index = divmod(step, per_epoch)
         # a new shuffle each epoch (and at the first step of a resumed run), the same for the seed
-        if index == 0 or step == state["step"]:
+        if index == 0 or step == first:
             epoch_batches = data.train_batches(
                 train_examples, tc.queries_per_batch, seed=tc.seed, epoch=epoch
             )
@@ -452,7 +459,8 @@ def training_inputs(dataset, extra_train, tc, seeds, train_queries=0):
     dev = make_dev_set(dataset, tc, train_set, examples[seeds[0]])
     passages, queries = {}, {}
     for e in [e for ex in examples.values() for e in ex] + [e for b in dev.batches for e in b]:
-        listed = e.list_negatives if tc.loss == "listwise" else ()
+        # the listwise pools of train queries (dev checks score the paper's pairs)
+        listed = e.list_negatives if tc.loss == "listwise" and e.qid not in dev.candidates else ()
         for docid in (e.positive_docid, e.hard_negative_docid, *listed):
             passages[docid] = train_set.corpus[docid]
         queries[e.qid] = train_set.queries[e.qid]

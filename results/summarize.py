@@ -29,9 +29,14 @@ def main(argv=None):
         rows = {Path(args.base).name.split(".")[0]: [base]}
         for row in args.rows:
             name, _, files = row.partition("=")
-            if not files:
-                raise ValueError(f"{row}: expected ROW=FILE[,FILE...]")
+            if not files or name in rows:
+                raise ValueError(f"{row}: expected ROW=FILE[,FILE...], each ROW named once")
             rows[name] = [ir.read_per_query(f) for f in files.split(",")]
+        for name, seeds in rows.items():
+            for values in seeds:
+                measures = set().union(*values.values())
+                if missing := [m for m in args.measures if m not in measures]:
+                    raise ValueError(f"row {name}: no per-query values of {missing[0]}")
     except (OSError, ValueError) as e:
         print(f"summarize.py: error: {e}", file=sys.stderr)
         sys.exit(2)

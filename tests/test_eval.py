@@ -351,3 +351,18 @@ def test_per_query_files_recompute_a_table(tmp_path, capsys):
         "0.074",
         "3",
     ]
+
+
+def test_summarize_refuses_a_row_named_twice_or_a_missing_measure(tmp_path, capsys):
+    E.write_per_query(tmp_path / "zeroshot.tsv", {"q1": {"ndcg_cut_10": 0.5}})
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "results" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    base = str(tmp_path / "zeroshot.tsv")
+    for argv, message in [
+        ([base, f"zeroshot={base}"], "each ROW named once"),
+        ([base, f"A={base}", "-m", "success_5"], "row zeroshot: no per-query values of success_5"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            summarize.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -442,6 +442,8 @@ def test_pairwise_accuracy_by_hand():
     # at relevance level 2 (TREC DL) grade 1 is a negative: q2 has no positive left
     graded = {"q1": {"a": 2, "b": 1, "c": 0}, "q2": {"a": 1, "b": 0}}
     assert train.pairwise_accuracy(scores, graded, 2) == 1.0
+    # a negative grade means unjudged (eval.py): with b at -1, q2 has no judged negative left
+    assert train.pairwise_accuracy(scores, {"q2": {"a": 1, "b": -1, "c": 1}}, 1) is None
 
 
 def test_batch_pairs_counts_each_negative_once():
