@@ -510,7 +510,8 @@ def run_command(args, argv):
             log(f"no qrels for {split}: runs written to {out}/, nothing evaluated")
     seconds = time.perf_counter() - run_start
     log(f"total wall time {seconds:.0f} s; runs, adapters and metrics.json in {out}/")
-    if dist.is_initialized():
+    if dist.is_initialized():  # leave together: a process that tears its connections down while
+        dist.barrier()  # process 0 still writes was once seen to abort (SIGABRT) under load
         dist.destroy_process_group()
 
 
