@@ -141,10 +141,12 @@ class Dataset:
     def bm25(self):  # built on first use only: most splits come with a run
         return BM25(self.corpus)
 
-    def first_stage(self, split, depth):
-        """{qid: {docid: score}} top-`depth` per query of `split`, best first: the split's run,
-        else BM25 over this corpus computed here (so a folder without runs still works)."""
-        qids = self._split(split)
+    def first_stage(self, split, depth, qids=None):
+        """{qid: {docid: score}} top-`depth` per query of `split` (or of its `qids`), best first:
+        the split's run, else BM25 over this corpus computed here (so a folder without runs still
+        works)."""
+        judged = self._split(split)
+        qids = judged if qids is None else qids
         if split not in self.runs:
             return {q: dict(self.bm25.search(self.queries[q], depth)) for q in qids}
         run = self.runs[split]

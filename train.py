@@ -141,8 +141,8 @@ def dev_check(llm, template, reranker, dev, tc, tokens, token_budget=4096):
     reranker.eval()
     record = {}
     paper = replace(tc, loss="paper")
+    share = (process_index(), process_count())
     for batch in dev.batches:  # each process its share of every batch; the shares add up
-        share = (process_index(), process_count())
         loss, terms = batch_loss(llm, template, reranker, batch, tokens, paper, share)
         for name, value in {"dev_loss": loss, **terms}.items():
             record[name] = record.get(name, 0.0) + value.item() / len(dev.batches)
@@ -410,30 +410,30 @@ def make_dev_set(dataset, tc, train_set=None, train_examples=()):
     first_stage = dataset.first_stage(split, 1000)
     qids = [q for q in dataset.qrels[split] if first_stage[q]][: tc.dev_queries or None]
     examples = [e for e in data.training_examples(dataset, split, seed=0) if e.qid in qids]
-    dev = DevSet(
-        split,
-        data.train_batches(examples, tc.queries_per_batch, seed=0),
-        {q: list(first_stage[q])[: tc.dev_depth] for q in qids},
-        {q: first_stage[q] for q in qids},
-        {q: dataset.qrels[split][q] for q in qids},
-        dataset.relevance_level(split),
-    )
+    batches = data.train_batches(examples, tc.queries_per_batch, seed=0)
+    dev = ranked_set(dataset, split, first_stage, qids, tc.dev_depth, batches)
     if not dev.batches:
         raise ValueError(
             f"{dataset.name}: the {split} split has no query with a positive and a hard negative"
         )
     if train_set is not None and tc.fit_queries:
         fit_qids = [e.qid for e in train_examples[: tc.fit_queries]]
-        ranked = train_set.first_stage("train", 1000)
-        dev.fit = DevSet(
-            "train",
-            [],
-            {q: list(ranked[q])[: tc.dev_depth] for q in fit_qids},
-            {q: ranked[q] for q in fit_qids},
-            {q: train_set.qrels["train"][q] for q in fit_qids},
-            train_set.relevance_level("train"),
-        )
+        ranked = train_set.first_stage("train", 1000, fit_qids)
+        dev.fit = ranked_set(train_set, "train", ranked, fit_qids, tc.dev_depth)
     return dev
+
+
+def ranked_set(dataset, split, first_stage, qids, depth, batches=()):
+    """A DevSet of `qids`: their top-`depth` first-stage candidates to rerank, their whole first
+    stage (the tail keeps its order), their judgments, and `batches` for the loss terms."""
+    return DevSet(
+        split,
+        list(batches),
+        {q: list(first_stage[q])[:depth] for q in qids},
+        {q: first_stage[q] for q in qids},
+        {q: dataset.qrels[split][q] for q in qids},
+        dataset.relevance_level(split),
+    )
 
 
 def training_inputs(dataset, extra_train, tc, seeds, train_queries=0):
