@@ -8,7 +8,10 @@ cuda` on a GPU, `--shape tinyllama-1.1b` or `llama2-7b` for random weights in th
 3. Q-PEFT-A training steps: the fast path (passage keys/values computed once per batch, logits only
    at query positions) against the naive one (qpeft.score: each pair's whole sequence on its own);
 4. if `transformers` is importable, the same pairs through LlamaForCausalLM, same dtype and batches;
-5. zero-shot scoring again with torch.compile'd blocks (qpeft.py --compile), where inductor works.
+5. on the CPU, zero-shot scoring and training through model.Transformer (SDPA over the padded
+   batch) beside cpu.PackedTransformer, the CPU's default: the packed path stays only while it is
+   faster here;
+6. zero-shot scoring again with torch.compile'd blocks (qpeft.py --compile), where inductor works.
 Timings on shared machines are noisy: compare the ratios within one run, not across runs.
 The last line is one JSON object with the headline figures.
 
@@ -28,11 +31,12 @@ import time
 
 import torch
 
+import cpu
 import data
 import qpeft
 import runtime
 import train
-from model import LlamaConfig, Transformer, default_dtype, rope_frequencies
+from model import LlamaConfig, Transformer, rope_frequencies
 
 # Random weights in the shapes of bigger Llamas (config.json values), with the tokenizer of --model:
 # the vocabulary is the tokenizer's, so the logits cost what that tokenizer's would.
@@ -46,13 +50,13 @@ SHAPES = {
 }
 
 
-def random_model(cfg, shape, dtype, device):
+def random_model(cfg, shape, dtype, device, model_class):
     """A frozen Llama with `cfg`'s vocabulary and special ids in `shape`, random N(0, 0.02)
     matrices and unit norms (GPT-2's init: the residual stream stays tame over many layers)."""
     cfg = LlamaConfig(**{**vars(cfg), **shape, "tie_embeddings": False})
     torch.manual_seed(0)
     with torch.device(device):
-        model = Transformer(cfg).to(dtype)
+        model = model_class(cfg).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -146,7 +150,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = runtime.setup_device(args.device)
     if args.dtype == "auto":
-        args.dtype = str(default_dtype(device))[len("torch.") :]
+        args.dtype = str(runtime.default_dtype(device))[len("torch.") :]
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
 
@@ -163,8 +167,15 @@ def main(argv=None):
 
     model_dir = data.find_asset(args.model, "models")
     llm, tokenizer = runtime.load_llm(model_dir, dtype, device)
+    # the same weights as plain model.Transformer, to measure what the CPU's packed path earns
+    plain = None
+    if isinstance(llm, cpu.PackedTransformer):
+        plain = Transformer.from_pretrained(model_dir, dtype, device)
     if args.shape:
-        llm = random_model(llm.cfg, SHAPES[args.shape], dtype, device)
+        cfg, shape = llm.cfg, SHAPES[args.shape]
+        llm = random_model(cfg, shape, dtype, device, type(llm))
+        if plain is not None:
+            plain = random_model(cfg, shape, dtype, device, Transformer)
     cfg = llm.cfg
     # Parameters outside the embedding table and lm_head (named_parameters lists a tied table once).
     tables = ("tok_embeddings.weight", "output.weight")
@@ -243,9 +254,9 @@ def main(argv=None):
     wrap = len(template.hints_open) + len(template.hints_close)
     hints = {"zeroshot": lambda q: 0, "qpeft-a": lambda q: wrap + len(tokens.queries[q])}
 
-    def score(name, reranker, desc):
+    def score(name, reranker, desc, model=llm):
         return runtime.rerank(
-            llm, template, {name: reranker}, candidates, tokens, TOKEN_BUDGET, desc
+            model, template, {name: reranker}, candidates, tokens, TOKEN_BUDGET, desc
         )
 
     for name, reranker in [("zeroshot", zeroshot), ("qpeft-a", qpeft_a)]:
@@ -259,24 +270,34 @@ def main(argv=None):
             zeroshot_scores = ours[name]
             figures["score_pairs_per_s"] = round(n_pairs / seconds, 2)
             gflops_of["score"] = flops / seconds / 1e9
+    if plain is not None:
+        sdpa = qpeft.Reranker(qpeft.QPEFTConfig(method="zeroshot"), plain, template)
+        desc = "score zeroshot (SDPA)"
+        _, seconds = timed(lambda: score("zeroshot", sdpa, desc, plain), args.repeats, device)
+        add_row("score zeroshot (SDPA)", n_pairs, *scoring_flops(hints["zeroshot"]), seconds)
+        figures["score_packed_vs_sdpa"] = round(figures["score_pairs_per_s"] * seconds / n_pairs, 2)
 
     # Training: the same batches through the fast path and the naive one.
     batches = data.train_batches(examples, 4, seed=0)[: args.train_steps]
     train_speed, paper = {}, train.TrainConfig(loss="paper", margin=0.0)
-    for path in ("fast", "naive"):
-        reranker = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), llm, template).train()
+    paths = [("fast", llm), ("naive", llm)] + ([("fast, SDPA", plain)] if plain else [])
+    for path, model in paths:
+        reranker = qpeft.Reranker(qpeft.QPEFTConfig(method="qpeft-a"), model, template).train()
         trainable = [p for p in reranker.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=3e-2, fused=True)
 
         def step(batch):
-            if path == "fast":
-                loss, _ = train.batch_loss(llm, template, reranker, batch, tokens, paper)
+            if path != "naive":
+                loss, _ = train.batch_loss(model, template, reranker, batch, tokens, paper)
             else:
                 pairs_ = qpeft.batch_pairs(batch)
                 queries = [tokens.queries[batch[i].qid] for i, _, _ in pairs_]
                 passages = [tokens.passages[d] for _, d, _ in pairs_]
                 scores = torch.stack(  # the definition, one pair at a time
-                    [qpeft.score(llm, template, reranker, q, d) for q, d in zip(queries, passages)]
+                    [
+                        qpeft.score(model, template, reranker, q, d)
+                        for q, d in zip(queries, passages)
+                    ]
                 )
                 loss, _ = qpeft.ranking_loss(scores, pairs_, paper)
             loss.backward()
@@ -314,6 +335,8 @@ def main(argv=None):
             figures["train_pairs_per_s"] = round(trained_pairs / seconds, 2)
             gflops_of["train"] = flops / seconds / 1e9
     figures["train_speedup_vs_naive"] = round(train_speed["fast"] / train_speed["naive"], 2)
+    if plain is not None:
+        figures["train_packed_vs_sdpa"] = round(train_speed["fast"] / train_speed["fast, SDPA"], 2)
 
     try:
         import transformers

@@ -30,7 +30,7 @@ from runtime import (
     load_llm,
     process_count,
     process_index,
-    rerank,
+    rerank_everywhere,
     setup_device,
     tokenize,
 )
@@ -479,7 +479,7 @@ def run_command(args, argv):
             groups[method] = list(runs)
     if args.compile:  # after training: compiling the backward graphs would cost more than it saves
         llm.compile_blocks()
-    scores, timing = rerank(
+    scores, timing = rerank_everywhere(
         llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {split}"
     )
     check_finite(scores, args.model)

@@ -13,7 +13,6 @@ Credits: the layout follows Meta's Llama reference and HF transformers' LlamaFor
 and gpt-fast.
 """
 
-import ctypes
 import json
 import math
 import re
@@ -136,102 +135,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, past_kv, packing):
-        N, H, Hkv, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim  # x (N, D)
-        q = apply_rope(self.wq(x).view(N, H, hd), cos, sin)  # (N, H, hd): real tokens only
-        k = apply_rope(self.wk(x).view(N, Hkv, hd), cos, sin)  # (N, Hkv, hd)
-        v = self.wv(x).view(N, Hkv, hd)  # (N, Hkv, hd)
-        q = packing.pad(q)  # (B, T, H, hd)
-        k, v = packing.pad(k).transpose(1, 2), packing.pad(v).transpose(1, 2)  # (B, Hkv, T, hd)
+    def project(self, x, cos, sin):
+        """Queries (..., H, hd), keys and values (..., Hkv, hd) of x (..., D), RoPE applied."""
+        lead, H, Hkv, hd = x.shape[:-1], self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rope(self.wq(x).view(*lead, H, hd), cos, sin)  # (..., H, hd)
+        k = apply_rope(self.wk(x).view(*lead, Hkv, hd), cos, sin)  # (..., Hkv, hd)
+        return q, k, self.wv(x).view(*lead, Hkv, hd)
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        """x (B, T, D); mask (B or 1, 1, T, S) booleans, True where a query may see a key."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
         if past_kv is not None:  # an earlier prefix's keys/values come first; batch 1 serves all
-            k = torch.cat([past_kv[0].expand(packing.B, -1, -1, -1), k], dim=2)  # (B, Hkv, S, hd)
-            v = torch.cat([past_kv[1].expand(packing.B, -1, -1, -1), v], dim=2)  # (B, Hkv, S, hd)
-        y = attend(q, k, v, mask)  # (B, T, H * hd)
-        return self.wo(packing.pack(y)), (k, v)  # (N, D), and the keys/values of all S positions
-
-
-ATTENTION_BLOCK = 32  # query positions per block in `attend`
-
-
-def use_sdpa(device):
-    """F.scaled_dot_product_attention's fused kernels on GPUs; on the CPU the written-out blocks of
-    `attend`, which skip most of the masked scores that SDPA computes."""
-    return device.type != "cpu"
-
-
-def attention_mask(allowed, n_heads, n_kv_heads, dtype):
-    """`attend`'s mask for (Bm, T, S) booleans (True: may attend; Bm = B or 1), built once per
-    forward pass and shared by all layers. For SDPA the booleans; for the CPU blocks an additive
-    bias of 0 and -inf, the same for every KV head (Bm > 1 only) and repeated for its G stacked
-    query heads (row t*G + g)."""
-    if use_sdpa(allowed.device):
-        return allowed[:, None]  # (Bm, 1, T, S)
-    Bm, T, S = allowed.shape
-    G, Hkv = n_heads // n_kv_heads, n_kv_heads if Bm > 1 else 1
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)  # (Bm, T, S)
-    bias = bias.masked_fill(~allowed, float("-inf"))  # (Bm, T, S)
-    bias = bias[:, None, :, None].expand(-1, Hkv, -1, G, -1)  # (Bm, Hkv, T, G, S)
-    return bias.reshape(-1, T * G, S)  # (Bm*Hkv, T*G, S)
-
-
-def attend(q, k, v, mask):
-    """Causal softmax attention of q (B, T, H, hd), the last T of S positions, over k, v
-    (B, Hkv, S, hd), with `mask` from attention_mask. Query head h reads KV head h // G
-    (G = H // Hkv) without copying keys: on GPUs through SDPA's enable_gqa; on the CPU the G query
-    heads of a group are stacked along the row axis (row t*G + g), so one batched matmul serves
-    them all, and baddbmm adds the bias (0 or -inf) and the 1/sqrt(hd) scale inside it.
-    Causal: query position t never sees keys after S - T + t, so the rows go in blocks of
-    ATTENTION_BLOCK positions and each block computes only the keys it can see (fewer scores,
-    and each block's stay in cache). torch.softmax computes in fp32, rounds to q's dtype."""
-    B, T, H, hd = q.shape
-    if use_sdpa(q.device):
-        qh = q.transpose(1, 2)  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(qh, k, v, mask, enable_gqa=True)  # (B, H, T, hd)
-        return y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
-    bias = mask  # (B*Hkv or 1, T*G, S)
-    Hkv, S = k.shape[1], k.shape[2]
-    G = H // Hkv
-    rows = q.view(B, T, Hkv, G, hd).transpose(1, 2).reshape(B * Hkv, T * G, hd)  # (B*Hkv, T*G, hd)
-    keys, values = k.reshape(B * Hkv, S, hd), v.reshape(B * Hkv, S, hd)  # (B*Hkv, S, hd)
-    # Under torch.compile one block: a loop over T would specialise the graph to every length.
-    edges = [0, T] if torch.compiler.is_compiling() else [*range(0, T, ATTENTION_BLOCK), T]
-    out = []
-    for start, end in zip(edges, edges[1:]):
-        seen = S - T + end  # keys visible to rows < end
-        block = slice(start * G, end * G)  # r = (end - start) * G rows
-        q_block = rows[:, block]  # (B*Hkv, r, hd)
-        k_seen = keys[:, :seen].transpose(1, 2)  # (B*Hkv, hd, seen)
-        bias_block = bias[:, block, :seen]  # (B*Hkv or 1, r, seen)
-        scores = torch.baddbmm(bias_block, q_block, k_seen, alpha=hd**-0.5)  # (B*Hkv, r, seen)
-        out.append(torch.softmax(scores, dim=-1) @ values[:, :seen])  # (B*Hkv, r, hd)
-    y = torch.cat(out, dim=1).view(B, Hkv, T, G * hd)  # (B, Hkv, T, G*hd)
-    return y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
-
-
-class Packing:
-    """The N real tokens of a right-padded (B, T) batch: on the CPU the linear layers, norms and
-    RoPE see only them, packed as (N, ...), so padding costs no FLOPs. Attention needs the padded
-    layout, zeros at the pads: a masked key still meets its value in `weights @ v`, and 0 * NaN is
-    NaN. On GPUs every position is computed (N = B*T): finding the real tokens (nonzero) would wait
-    for the device at every batch; pads then hold finite values that every mask hides."""
-
-    def __init__(self, mask):
-        self.B, self.T = mask.shape
-        # (N,) flat indices into B*T, or None: all positions
-        self.real = mask.flatten().nonzero()[:, 0] if mask.device.type == "cpu" else None
-
-    def pack(self, t):
-        """(B, T, ...) -> (N, ...)."""
-        flat = t.reshape(self.B * self.T, *t.shape[2:])  # (B*T, ...)
-        return flat if self.real is None else flat[self.real]  # (N, ...)
-
-    def pad(self, t):
-        """(N, ...) -> (B, T, ...), zeros at the pads (on the CPU)."""
-        if self.real is None:
-            return t.view(self.B, self.T, *t.shape[1:])  # (B, T, ...)
-        padded = t.new_zeros(self.B * self.T, *t.shape[1:])  # (B*T, ...)
-        padded = padded.index_copy(0, self.real, t)  # (B*T, ...)
-        return padded.view(self.B, self.T, *t.shape[1:])  # (B, T, ...)
+            k = torch.cat([past_kv[0].expand(B, -1, -1, -1), k], dim=2)  # (B, Hkv, S, hd)
+            v = torch.cat([past_kv[1].expand(B, -1, -1, -1), v], dim=2)  # (B, Hkv, S, hd)
+        # enable_gqa: query head h reads KV head h // (H / Hkv) without copying keys
+        y = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), (k, v)  # (B, T, D), all S keys/values
 
 
 class MLP(nn.Module):  # SwiGLU
@@ -253,11 +174,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past_kv, packing):
-        """x (N, D): the batch's real tokens, packed; see Packing."""
-        a, kv = self.attention(self.attention_norm(x), cos, sin, mask, past_kv, packing)  # (N, D)
-        x = x + a  # (N, D)
-        return x + self.mlp(self.mlp_norm(x)), kv  # (N, D)
+    def forward(self, x, cos, sin, mask, past_kv):
+        a, kv = self.attention(self.attention_norm(x), cos, sin, mask, past_kv)  # (B, T, D)
+        x = x + a  # (B, T, D)
+        return x + self.mlp(self.mlp_norm(x)), kv  # (B, T, D)
 
 
 # HF tensor names -> ours; "{}" is the layer number.
@@ -300,11 +220,13 @@ def read_safetensors(folder):
 
 
 class Transformer(nn.Module):
+    Block = Block  # cpu.PackedTransformer swaps in its own
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(self.Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -315,31 +237,36 @@ class Transformer(nn.Module):
         """(hidden, kv): final-normed hidden states (B, T, D) of embeddings x (B, T, D) at
         `positions` (B, T), and per layer the keys/values (B, Hkv, S + T, hd) of the past and x.
 
-        `mask` (B, T) is True on real tokens (default: all); x must be right-padded; pads come out
-        as zeros on the CPU (see Packing). `past`, one (k, v) per layer of shape (B or 1, Hkv, S,
-        hd) from an earlier call (batch 1: shared by all rows), is attended to where `past_mask`
-        (B, S) is True (default: everywhere); attention over x itself is causal."""
-        B, T = x.shape[:2]
-        dev = x.device
-        packing = Packing(torch.ones(B, T, dtype=torch.bool, device=dev) if mask is None else mask)
-        x = packing.pack(x)  # (N, D)
-        freqs = packing.pack(positions[..., None]).float() * self.inv_freq  # (N, hd/2)
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (N, 1, hd)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (N, 1, hd) each
-        allowed = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]  # (1, T, T) causal
-        if past is not None:
-            S_past = past[0][0].shape[2]
-            if past_mask is None:
-                seen = torch.ones(1, T, S_past, dtype=torch.bool, device=dev)  # (1, T, S_past)
-            else:
-                seen = past_mask[:, None, :].expand(-1, T, -1)  # (B, T, S_past)
-            allowed = torch.cat([seen, allowed.expand(len(seen), -1, -1)], dim=-1)  # (B or 1, T, S)
-        attn_mask = attention_mask(allowed, self.cfg.n_heads, self.cfg.n_kv_heads, x.dtype)
+        x must be right-padded; `mask` (B, T), True on real tokens, is not needed here (no real
+        token sees a later pad) but lets cpu.PackedTransformer skip the pads. `past`, one (k, v)
+        per layer of shape (B or 1, Hkv, S, hd) from an earlier call (batch 1: shared by all
+        rows), is attended to where `past_mask` (B, S) is True (default: everywhere); attention
+        over x itself is causal."""
+        cos, sin = self.rotation(positions, x.dtype)  # (B, T, 1, hd) each
+        allowed = self.allowed(x.shape[1], past, past_mask)[:, None]  # (B or 1, 1, T, S)
         kvs = []
         for layer, past_kv in zip(self.layers, past or [None] * len(self.layers)):
-            x, kv = layer(x, cos, sin, attn_mask, past_kv, packing)  # (N, D)
+            x, kv = layer(x, cos, sin, allowed, past_kv)  # (B, T, D)
             kvs.append(kv)
-        return packing.pad(self.norm(x)), kvs  # (B, T, D)
+        return self.norm(x), kvs  # (B, T, D)
+
+    def rotation(self, positions, dtype):
+        """RoPE's cos and sin (..., 1, hd) at positions (...)."""
+        freqs = positions[..., None].float() * self.inv_freq  # (..., hd/2)
+        angles = torch.cat([freqs, freqs], dim=-1)[..., None, :]  # (..., 1, hd)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def allowed(self, T, past, past_mask):
+        """(B or 1, T, S) booleans: True where one of the T new positions may see a key."""
+        dev = self.inv_freq.device
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]  # (1, T, T)
+        if past is None:
+            return causal
+        if past_mask is None:
+            seen = torch.ones(1, T, past[0][0].shape[2], dtype=torch.bool, device=dev)
+        else:
+            seen = past_mask[:, None, :].expand(-1, T, -1)  # (B, T, S_past)
+        return torch.cat([seen, causal.expand(len(seen), -1, -1)], dim=-1)  # (B or 1, T, S)
 
     def compile_blocks(self):
         """torch.compile every block, dynamic shapes: one graph serves all batch sizes, lengths and
@@ -397,37 +324,11 @@ class Transformer(nn.Module):
         return model.eval().requires_grad_(False)
 
 
-def reuse_freed_memory():
-    """Make glibc keep freed blocks of up to 32 MB for reuse instead of handing them back to the OS:
-    by default every large tensor is mapped afresh, and the first write to each of its pages traps
-    into the kernel, which slows the elementwise ops after each matmul several times on a small
-    CPU. Process-wide; a no-op on a libc without mallopt (macOS, musl)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks below 32 MB (glibc's maximum) from the heap
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and keep up to 1 GB of freed heap mapped
-
-
-def default_dtype(device=torch.device("cpu")):
-    """bfloat16 on CUDA GPUs that support it and on CPUs that multiply it natively (AVX-512 BF16
-    or AMX), else float32: without them PyTorch emulates bf16 matmuls on the CPU, far slower
-    than fp32. MPS: float32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def load(folder, dtype=torch.float32, device="cpu"):
+def load(folder, dtype=torch.float32, device="cpu", model_class=Transformer):
     """The frozen LLM in `folder` (resolve a model name with data.find_asset) and its tokenizer;
-    checks that every token id has an embedding row. Also calls reuse_freed_memory(), since
-    everything that loads the LLM then runs it."""
-    reuse_freed_memory()
-    model = Transformer.from_pretrained(folder, dtype=dtype, device=device)
+    checks that every token id has an embedding row. model_class: Transformer or a subclass
+    (cpu.PackedTransformer)."""
+    model = model_class.from_pretrained(folder, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_pretrained(folder)
     rows = model.cfg.vocab_size
     if tokenizer.eos_id is None or not 0 <= tokenizer.eos_id < rows:

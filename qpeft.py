@@ -361,8 +361,8 @@ def list_pairs(batch, m, seed, epoch):
     return pairs
 
 
-def ranking_loss(scores, pairs, tc, lengths=None, counts=None):
-    """The loss of scored pairs and its diagnostics. NLL = -score, a mean per token.
+def ranking_loss(scores, pairs, tc, lengths=None):
+    """The loss of scored pairs and its terms. NLL = -score, a mean per token.
     paper:    L = w mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin) over negatives
               (the margin on a per-token scale, as in the official code; w = 1 in the paper, 0 is
               the official code's hinge-only `pairwise` variant);
@@ -370,15 +370,12 @@ def ranking_loss(scores, pairs, tc, lengths=None, counts=None):
               p(q | d) (score x lengths, the query's target count) of the positive and the query's
               own negatives: the posterior of the positive among them under a uniform prior.
     Diagnostics: the mean NLL of positives (the pointwise term), of own ("hard") and in-batch
-    negatives, and the mean gap
-    NLL(d-) - NLL(d+) of each kind (> 0: the order wanted), the share of active hinges, and the
-    pairwise accuracy (positive above the query's own negatives). `counts` (queries, hard pairs,
-    in-batch pairs of the whole batch; default: these pairs') divide the sums, so that the values
-    of the processes that share a batch add up to the whole batch's."""
+    negatives, and the mean gap NLL(d-) - NLL(d+) of each kind (> 0: the order wanted), the share
+    of active hinges, and the pairwise accuracy (positive above the query's own negatives)."""
     nll = -scores  # (N,)
     dev = nll.device
     kind = [k for _, _, k in pairs]
-    queries, hard_pairs, in_batch_pairs = counts or batch_counts(pairs)
+    n = pair_counts(pairs)
     is_pos = torch.tensor([k == "positive" for k in kind], device=dev)  # (N,)
     query = torch.tensor([i for i, _, _ in pairs], device=dev)  # (N,) each pair's query
     nll_pos = torch.zeros(max(i for i, _, _ in pairs) + 1, device=dev)  # (B,)
@@ -386,36 +383,46 @@ def ranking_loss(scores, pairs, tc, lengths=None, counts=None):
     gap = nll[~is_pos] - nll_pos[query[~is_pos]]  # (N - B,) < 0: wrong order
     hard = torch.tensor([k == "hard" for k in kind], device=dev)[~is_pos]  # (N - B,)
     terms = {
-        "pointwise": nll_pos.sum() / queries,
-        "accuracy": (gap[hard] > 0).sum() / max(hard_pairs, 1),
-        "nll_hard": nll[~is_pos][hard].sum() / max(hard_pairs, 1),
-        "nll_in_batch": nll[~is_pos][~hard].sum() / max(in_batch_pairs, 1),
-        "gap_hard": gap[hard].sum() / max(hard_pairs, 1),
-        "gap_in_batch": gap[~hard].sum() / max(in_batch_pairs, 1),
+        "pointwise": nll_pos.sum() / n["positive"],
+        "accuracy": (gap[hard] > 0).sum() / max(n["hard"], 1),
+        "nll_hard": nll[~is_pos][hard].sum() / max(n["hard"], 1),
+        "nll_in_batch": nll[~is_pos][~hard].sum() / max(n["in-batch"], 1),
+        "gap_hard": gap[hard].sum() / max(n["hard"], 1),
+        "gap_in_batch": gap[~hard].sum() / max(n["in-batch"], 1),
     }
     if tc.loss == "paper":
         hinge = F.relu(tc.margin - gap)  # (N - B,)
-        negatives = hard_pairs + in_batch_pairs
-        terms.update(hinge=hinge.sum() / negatives, active=(hinge > 0).sum() / negatives)
-        return tc.pointwise_weight * terms["pointwise"] + terms["hinge"], terms
-    if lengths is None:
-        raise ValueError("the listwise loss needs each pair's target count (lengths)")
-    summed = scores * lengths  # (N,) log p(q | d) summed over the query's targets
-    # each query's pairs are consecutive, its positive first (list_pairs)
-    group_sizes = torch.unique_consecutive(query, return_counts=True)[1].tolist()
-    listwise = [s.logsumexp(0) - s[0] for s in summed.split(group_sizes)]  # -log softmax(S)[d+]
-    terms["listwise"] = torch.stack(listwise).sum() / queries
-    return tc.pointwise_weight * terms["pointwise"] + terms["listwise"], terms
+        terms.update(hinge=hinge.sum() / n["negative"], active=(hinge > 0).sum() / n["negative"])
+    else:
+        if lengths is None:
+            raise ValueError("the listwise loss needs each pair's target count (lengths)")
+        summed = scores * lengths  # (N,) log p(q | d) summed over the query's targets
+        # each query's pairs are consecutive, its positive first (list_pairs)
+        group_sizes = torch.unique_consecutive(query, return_counts=True)[1].tolist()
+        listwise = [s.logsumexp(0) - s[0] for s in summed.split(group_sizes)]  # -log softmax[d+]
+        terms["listwise"] = torch.stack(listwise).sum() / n["positive"]
+    return total_loss(terms, tc), terms
 
 
-def batch_counts(pairs):
-    """(queries, own-negative pairs, in-batch pairs) of a list of pairs."""
-    kinds = Counter(k for _, _, k in pairs)
-    return kinds["positive"], kinds["hard"], kinds["in-batch"]
+def total_loss(terms, tc):
+    """The loss from ranking_loss's terms."""
+    return tc.pointwise_weight * terms["pointwise"] + terms[RANKING_TERM[tc.loss]]
 
 
+def pair_counts(pairs):
+    """How many pairs of each kind ("positive" = queries, "hard", "in-batch", "negative")."""
+    counts = Counter(k for _, _, k in pairs)
+    counts["negative"] = counts["hard"] + counts["in-batch"]
+    return counts
+
+
+RANKING_TERM = {"paper": "hinge", "listwise": "listwise"}
 DIAGNOSTICS = ["pointwise", "accuracy", "nll_hard", "nll_in_batch", "gap_hard", "gap_in_batch"]
 LOSS_TERMS = {"paper": DIAGNOSTICS + ["hinge", "active"], "listwise": DIAGNOSTICS + ["listwise"]}
+# the pairs each term is a mean over (a distributed caller weighs a share's terms by these counts)
+MEAN_OVER = dict(pointwise="positive", listwise="positive", hinge="negative", active="negative")
+MEAN_OVER.update(accuracy="hard", nll_hard="hard", gap_hard="hard")
+MEAN_OVER.update(nll_in_batch="in-batch", gap_in_batch="in-batch")
 
 
 # ---- Saved modules --------------------------------------------------------------------------

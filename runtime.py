@@ -15,9 +15,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import cpu
 import data
 from eval import atomic_save
-from model import default_dtype, load
+from model import Transformer, load
 from qpeft import (
     METHODS,
     QPEFTConfig,
@@ -97,12 +98,25 @@ def model_fingerprint(folder):
     return digest.hexdigest()
 
 
+def default_dtype(device):
+    """bfloat16 on CUDA GPUs that support it and on CPUs that multiply it natively, else float32
+    (emulated bf16 matmuls are far slower than fp32). MPS: float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu.native_bf16() else torch.float32
+
+
 def load_llm(model, dtype=None, device="cpu"):
     """The frozen LLM (a name under $QPEFT_HOME/models or a folder) and its tokenizer; llm.name
-    and llm.sha256 say which model an adapter trained on it belongs to."""
+    and llm.sha256 say which model an adapter trained on it belongs to. On the CPU the model is
+    cpu.PackedTransformer (the same numbers, less work); elsewhere model.Transformer."""
     folder = data.find_asset(model, "models")
     device = torch.device(device)
-    llm, tokenizer = load(folder, dtype=dtype or default_dtype(device), device=device)
+    model_class = Transformer
+    if device.type == "cpu":
+        cpu.reuse_freed_memory()
+        model_class = cpu.PackedTransformer
+    llm, tokenizer = load(folder, dtype or default_dtype(device), device, model_class)
     llm.name, llm.sha256 = folder.name, model_fingerprint(folder)
     return llm, tokenizer
 
@@ -161,12 +175,17 @@ def load_adapter(folder, llm, tokenizer, any_base_model=False):
 
 # ---- Reranking ------------------------------------------------------------------------------
 @torch.no_grad()
-def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, prefixes=None):
-    """Scores {method: {qid: {docid: score}}} for every (query, candidate) pair. Passages are
-    batched by a token budget (length-bucketed); each batch's keys/values are computed once and
-    shared by every method with the frozen instruction and by every query that has the passage.
-    `prefixes`, a dict, keeps those keys/values for the next call on the same candidates (a
-    training run's dev checks: the frozen prefix does not change). desc None: no progress bar."""
+def rerank(
+    llm, template, rerankers, candidates, tokens, token_budget, desc, prefixes=None, share=(0, 1)
+):
+    """Scores {method: {qid: {docid: score}}} and seconds {method: s} for every (query,
+    candidate) pair. Passages are batched by a token budget (length-bucketed); each batch's
+    keys/values are computed once and shared by every method with the frozen instruction and by
+    every query that has the passage. `prefixes`, a dict, keeps those keys/values for the next call
+    on the same candidates (a training run's dev checks: the frozen prefix does not change).
+    share (i, n): only passage batches i, i + n, ... and their pairs (rerank_everywhere deals them
+    out). Each method is charged the shared passage pass too, as if it had run alone. desc None:
+    no progress bar."""
     pairs_of = {}  # docid -> the qids that have it
     for qid, docids in candidates.items():
         for d in docids:
@@ -176,10 +195,9 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
     batches = data.token_budget_batches(lengths, token_budget)
     seconds = {m: 0.0 for m in rerankers}
     shared_seconds, keys = 0.0, []
-    # under torchrun: every process_count()-th passage batch
-    mine = range(process_index(), len(batches), process_count())
     values = {m: [] for m in rerankers}  # score tensors, read back to the host once at the end
-    for b in tqdm(mine, desc=desc, unit="batch", disable=desc is None or process_index() > 0):
+    mine = range(share[0], len(batches), share[1])
+    for b in tqdm(mine, desc=desc, unit="batch", disable=desc is None):
         batch = batches[b]
         passages = [tokens.passages[docids[i]] for i in batch]
         start = time.perf_counter()
@@ -206,18 +224,30 @@ def rerank(llm, template, rerankers, candidates, tokens, token_budget, desc, pre
                 values[method].append(scored)  # (len(part),)
             seconds[method] += time.perf_counter() - start
     scores = {m: {} for m in rerankers}
-    for method in rerankers:  # one host read per method; then every process gets every score
-        pairs = zip(keys, torch.cat(values[method]).tolist() if values[method] else [])
-        for share in gather([(qid, docid, value) for (qid, docid), value in pairs]):
-            for qid, docid, value in share:
-                scores[method].setdefault(qid, {})[docid] = value
-    # Each method is charged the shared passage pass too, as if it had run alone; under torchrun
-    # the slowest process's time.
-    timing = {
-        m: max(gather(seconds[m] + (shared_seconds if r.soft_prompt is None else 0.0)))
-        for m, r in rerankers.items()
+    for method in rerankers:  # one host read per method
+        for (qid, docid), value in zip(keys, torch.cat(values[method]).tolist() if keys else []):
+            scores[method].setdefault(qid, {})[docid] = value
+    passage_pass = {
+        m: shared_seconds if r.soft_prompt is None else 0.0 for m, r in rerankers.items()
     }
-    return scores, timing
+    return scores, {m: seconds[m] + passage_pass[m] for m in rerankers}
+
+
+def rerank_everywhere(
+    llm, template, rerankers, candidates, tokens, token_budget, desc, prefixes=None
+):
+    """rerank with the passage batches dealt out over torchrun's processes: every process gets
+    every score, and the slowest process's seconds. Process 0 alone shows the progress bar."""
+    share = (process_index(), process_count())
+    desc = desc if share[0] == 0 else None
+    args = (llm, template, rerankers, candidates, tokens, token_budget, desc, prefixes, share)
+    mine, seconds = rerank(*args)
+    scores = {m: {} for m in rerankers}
+    for shares in gather(mine):
+        for method, of_query in shares.items():
+            for qid, of_doc in of_query.items():
+                scores[method].setdefault(qid, {}).update(of_doc)
+    return scores, {m: max(s[m] for s in gather(seconds)) for m in rerankers}
 
 
 # ---- Texts to token ids within the module's limits -----------------------------------------

@@ -19,16 +19,18 @@ from eval import atomic_save
 from qpeft import (
     LOSS_TERMS,
     LOSSES,
+    MEAN_OVER,
     METHODS,
     QPEFTConfig,
     Reranker,
     Template,
-    batch_counts,
     batch_pairs,
     encode_prefixes,
     list_pairs,
+    pair_counts,
     ranking_loss,
     score_pairs,
+    total_loss,
 )
 from runtime import (
     ADAPTER_CONFIG,
@@ -37,7 +39,7 @@ from runtime import (
     load_adapter,
     process_count,
     process_index,
-    rerank,
+    rerank_everywhere,
     save_adapter,
     tokenize,
     trainable_state,
@@ -69,15 +71,15 @@ class TrainConfig:
 
 
 def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1), epoch=0):
-    """The loss of one batch (and its diagnostics) through the fast path: each passage's
-    keys/values computed once. With share (r, n), only the pairs of queries r, r + n, ... (process
-    r of n under torchrun), each with the whole batch's negatives, and the sums divided by the
-    whole batch's counts: the n shares add up to the whole batch's loss."""
+    """The loss of one batch (and its terms) through the fast path: each passage's keys/values
+    computed once. With share (r, n), only the pairs of queries r, r + n, ... (process r of n under
+    torchrun), each with the whole batch's negatives, and each term's mean weighed by the share's
+    pairs over the whole batch's: the n shares add up to the whole batch's loss."""
     if tc.loss == "paper":
         pairs = batch_pairs(batch)
     else:
         pairs = list_pairs(batch, tc.list_negatives, tc.seed, epoch)
-    counts = batch_counts(pairs)
+    whole = pair_counts(pairs)
     pairs = [p for p in pairs if p[0] % share[1] == share[0]]
     if not pairs:  # more processes than queries: a zero loss that still reaches every parameter
         device = llm.tok_embeddings.weight.device
@@ -94,7 +96,13 @@ def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1), epoch=0
     passages = [tokens.passages[d] for _, d, _ in pairs]
     scores = score_pairs(llm, template, reranker, prefix, rows, queries, passages)  # (N,)
     lengths = torch.tensor([len(q) + 1 for q in queries], device=scores.device)  # (N,) query + eos
-    return ranking_loss(scores, pairs, tc, lengths, counts)
+    loss, terms = ranking_loss(scores, pairs, tc, lengths)
+    if share[1] == 1:
+        return loss, terms
+    mine = pair_counts(pairs)
+    weight = {k: mine[over] / max(whole[over], 1) for k, over in MEAN_OVER.items()}
+    terms = {k: v * weight[k] for k, v in terms.items()}
+    return total_loss(terms, tc), terms
 
 
 class TrainingLoss(nn.Module):
@@ -159,7 +167,7 @@ def rank_check(llm, template, reranker, checked, tokens, token_budget):
     """trec_eval means and the pairwise accuracy of the module on a DevSet's candidates."""
     # the frozen prefix's keys/values do not change with training; the soft prompt's do
     cached = checked.prefixes if reranker.soft_prompt is None else None
-    scores, _ = rerank(
+    scores, _ = rerank_everywhere(
         llm, template, {"m": reranker}, checked.candidates, tokens, token_budget, None, cached
     )
     run = with_tail(scores["m"], checked.first_stage)

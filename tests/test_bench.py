@@ -34,5 +34,7 @@ def test_bench_runs_to_its_table(tiny_dir, tmp_path, monkeypatch, capsys):
     figures = json.loads(out.splitlines()[-1])
     for key in ("peak_gflops", "score_pairs_per_s", "train_pairs_per_s", "train_speedup_vs_naive"):
         assert figures[key] > 0, key
-    assert "train qpeft-a (fast)" in out and "train qpeft-a (naive)" in out
+    for row in ("train qpeft-a (fast)", "train qpeft-a (naive)", "score zeroshot (SDPA)"):
+        assert row in out, row
+    assert figures["score_packed_vs_sdpa"] > 0 and figures["train_packed_vs_sdpa"] > 0
     assert "torch.compile failed here, no compiled row: RuntimeError" in out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import model as model_module
+import cpu
 from conftest import FIXTURES, smollm2_dir
 from model import LlamaConfig, Transformer, load, rope_frequencies
 
@@ -28,8 +28,17 @@ def test_tiny_random_logits_match_transformers(folder):
     positions = torch.arange(real.shape[1]).expand(real.shape[0], -1)
     hidden, _ = model.hidden(model.tok_embeddings(ref["input_ids"]), positions)
     assert (hidden - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
-    # With the mask, the pads are left out of the linear layers (model.Packing): the real rows
-    # stay the same, and the pads come out as zeros, in the hidden states and the keys/values.
+
+
+@pytest.mark.parametrize("folder", [TINY, TINY_LLAMA3], ids=["untied", "tied-llama3-rope"])
+def test_packed_cpu_model_matches_transformers_and_zeroes_the_pads(folder):
+    """cpu.PackedTransformer leaves the pads out of the linear layers: the real rows stay the
+    same, and the pads come out as zeros, in the hidden states and the keys/values."""
+    model = cpu.PackedTransformer.from_pretrained(folder)
+    ref = load_file(folder.parent / f"{folder.name}_ref.safetensors")
+    real = ref["attention_mask"].bool()  # (B, T): right padding
+    assert (model(ref["input_ids"]) - ref["logits"])[real].abs().max() <= 1e-4
+    positions = torch.arange(real.shape[1]).expand(real.shape[0], -1)
     packed, kvs = model.hidden(model.tok_embeddings(ref["input_ids"]), positions, mask=real)
     assert (packed - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
     assert packed[~real].abs().max() == 0
@@ -48,9 +57,10 @@ def test_tied_embeddings_share_one_table():
     assert model.output.weight is model.tok_embeddings.weight
 
 
-def test_cached_prefix_equals_one_pass():
+@pytest.mark.parametrize("model_class", [Transformer, cpu.PackedTransformer])
+def test_cached_prefix_equals_one_pass(model_class):
     """The fast path: keys/values of a prefix reused for a suffix give the same hidden states."""
-    model = Transformer.from_pretrained(TINY)
+    model = model_class.from_pretrained(TINY)
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(12).expand(2, -1)
     x = model.tok_embeddings(ids)  # (2, 12, D)
@@ -62,17 +72,34 @@ def test_cached_prefix_equals_one_pass():
     assert (suffix - full[:, 7:]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("model_class", [Transformer, cpu.PackedTransformer])
+def test_ragged_cached_prefixes_are_masked(model_class):
+    """Prefixes of 5 and 3 tokens (the second right-padded to 5), then 4 tokens each, continuing at
+    positions 5 and 3: each row as if computed alone in one pass. past_mask hides the pads."""
+    model = model_class.from_pretrained(TINY)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+    x = model.tok_embeddings(ids)  # (2, 9, D)
+    prefix_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])  # (2, 5)
+    _, past = model.hidden(x[:, :5], torch.arange(5).expand(2, -1), mask=prefix_mask)
+    suffix_x = torch.stack([x[0, 5:9], x[1, 3:7]])  # (2, 4, D)
+    positions = torch.stack([torch.arange(5, 9), torch.arange(3, 7)])  # (2, 4)
+    suffix, _ = model.hidden(suffix_x, positions, past=past, past_mask=prefix_mask)
+    for row, length in enumerate([9, 7]):
+        alone, _ = model.hidden(x[row : row + 1, :length], torch.arange(length)[None])
+        assert (suffix[row] - alone[0, length - 4 :]).abs().max() <= 1e-5
+
+
 def test_attention_blocks_of_3_positions_match_the_fixture(monkeypatch):
-    """attend computes causal attention in blocks of model.ATTENTION_BLOCK query positions, each
+    """cpu.attend computes causal attention in blocks of cpu.ATTENTION_BLOCK query positions, each
     over only the keys it can see. The fixture's 16 positions fit one block of 32; blocks of 3 make
     six, with padding, and the cached-prefix pass must still see exactly its past keys."""
-    model = Transformer.from_pretrained(TINY)
+    model = cpu.PackedTransformer.from_pretrained(TINY)
     ref = load_file(TINY.parent / "tiny_random_ref.safetensors")
     real = ref["attention_mask"].bool()  # (3, 16)
     x = model.tok_embeddings(ref["input_ids"])  # (3, 16, D)
     positions = torch.arange(16).expand(3, -1)
     one_block, _ = model.hidden(x, positions, mask=real)
-    monkeypatch.setattr(model_module, "ATTENTION_BLOCK", 3)
+    monkeypatch.setattr(cpu, "ATTENTION_BLOCK", 3)
     blocked, _ = model.hidden(x, positions, mask=real)
     assert (blocked - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
     assert (blocked - one_block)[real].abs().max() <= 1e-5  # fp32: shorter softmax sums
@@ -81,23 +108,16 @@ def test_attention_blocks_of_3_positions_match_the_fixture(monkeypatch):
     assert (suffix - ref["hidden.final_norm"][:, 4:])[real[:, 4:]].abs().max() <= 1e-4
 
 
-def test_gpu_attention_path_matches_the_fixture_on_cpu(monkeypatch):
-    """What runs on GPUs (SDPA, every position computed, no nonzero()) forced onto the CPU: the same
-    hidden states as the fixture, in one pass and with a cached prefix, at the real positions."""
-    model = Transformer.from_pretrained(TINY)
+@pytest.mark.parametrize("model_class", [Transformer, cpu.PackedTransformer])
+def test_padded_batch_with_cached_prefix_matches_the_fixture(model_class):
+    """A right-padded batch whose first 4 positions come from a cached prefix, past_mask hiding
+    the prefix's pads: the fixture's hidden states at every real position, SDPA (what runs on GPUs)
+    and packed (the CPU) alike."""
+    model = model_class.from_pretrained(TINY)
     ref = load_file(TINY.parent / "tiny_random_ref.safetensors")
     real = ref["attention_mask"].bool()  # (3, 16)
     x = model.tok_embeddings(ref["input_ids"])  # (3, 16, D)
     positions = torch.arange(16).expand(3, -1)
-    monkeypatch.setattr(model_module, "use_sdpa", lambda device: True)
-
-    class EveryPosition(model_module.Packing):  # what Packing does off the CPU
-        def __init__(self, mask):
-            self.B, self.T, self.real = *mask.shape, None
-
-    monkeypatch.setattr(model_module, "Packing", EveryPosition)
-    whole, _ = model.hidden(x, positions, mask=real)
-    assert (whole - ref["hidden.final_norm"])[real].abs().max() <= 1e-4
     _, past = model.hidden(x[:, :4], positions[:, :4], mask=real[:, :4])
     suffix, _ = model.hidden(x[:, 4:], positions[:, 4:], real[:, 4:], past, real[:, :4])
     assert (suffix - ref["hidden.final_norm"][:, 4:])[real[:, 4:]].abs().max() <= 1e-4
@@ -105,8 +125,9 @@ def test_gpu_attention_path_matches_the_fixture_on_cpu(monkeypatch):
 
 def test_compiled_blocks_match_eager_on_the_fixture():
     """`--compile`: the same logits (fp32, inductor's fused loops) on both passes of the fast path.
-    Slow-ish (inductor compiles C++), but it is what keeps the flag from rotting."""
-    model = Transformer.from_pretrained(TINY)
+    Slow-ish (inductor compiles C++), but it is what keeps the flag from rotting. The CPU's
+    model, the one --compile gets here."""
+    model = cpu.PackedTransformer.from_pretrained(TINY)
     ref = load_file(TINY.parent / f"{TINY.name}_ref.safetensors")
     real = ref["attention_mask"].bool()
     ids = ref["input_ids"]  # (B, T)

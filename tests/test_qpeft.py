@@ -5,6 +5,7 @@ random Llama (with resume), and a smoke test with the real SmolLM2. About 15 s o
 import ast
 import json
 import math
+import random
 import shutil
 import subprocess
 import sys
@@ -361,6 +362,37 @@ def test_batch_loss_by_hand(monkeypatch):
     grad = dict(zip(pairs[1], scored[1].grad.tolist()))
     assert grad[("q1", "A")] == pytest.approx(-1 / 6) and grad[("q2", "B")] == pytest.approx(-2 / 6)
     assert grad[("q1", "B")] == 0.0 and grad[("q2", "A")] == 0.0
+
+
+@pytest.mark.parametrize("loss", ["paper", "listwise"])
+@pytest.mark.parametrize("processes", [2, 3])
+def test_process_shares_add_up_to_the_whole_batch(monkeypatch, loss, processes):
+    """Under torchrun each process scores its queries' pairs; its terms, weighed by its pairs over
+    the batch's, must add up to the one-process terms, also for uneven shares (q1 and q3 share the
+    hard negative a, so they have fewer distinct negatives; 3 queries over 2 processes)."""
+    docids = ["A", "B", "C", "a", "b", "c"]
+    tokens = TokenIds(
+        queries={"q1": [1], "q2": [2, 3], "q3": [4]},
+        passages={d: [10 + i] for i, d in enumerate(docids)},
+    )
+    rng = random.Random(0)
+    s = {(q, d): -rng.uniform(0.5, 3.0) for q in tokens.queries for d in docids}
+    scores_from_table(monkeypatch, tokens, s)
+    reranker = SimpleNamespace(soft_prompt=None)
+    batch = [
+        TrainExample("q1", "A", "a", list_negatives=("a", "c")),
+        TrainExample("q2", "B", "b", list_negatives=("b",)),
+        TrainExample("q3", "C", "a", list_negatives=("a", "b")),
+    ]
+    tc = TrainConfig(loss=loss, margin=0.5, list_negatives=2)
+    whole_loss, whole = batch_loss(None, None, reranker, batch, tokens, tc)
+    shares = [
+        batch_loss(None, None, reranker, batch, tokens, tc, (r, processes))
+        for r in range(processes)
+    ]
+    assert sum(loss for loss, _ in shares).item() == pytest.approx(whole_loss.item(), abs=1e-6)
+    for term, value in whole.items():
+        assert sum(t[term] for _, t in shares).item() == pytest.approx(value.item(), abs=1e-6), term
 
 
 def test_listwise_loss_by_hand(monkeypatch):
