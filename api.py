@@ -10,7 +10,15 @@ from pathlib import Path
 
 import train
 from qpeft import QPEFTConfig, Reranker, Template
-from runtime import load_adapter, load_llm, rerank, save_adapter, setup_device, tokenize
+from runtime import (
+    check_finite,
+    load_adapter,
+    load_llm,
+    rerank,
+    save_adapter,
+    setup_device,
+    tokenize,
+)
 
 
 class Ranker:
@@ -18,6 +26,8 @@ class Ranker:
     rank and rerank passages with it, or save its module as an adapter folder."""
 
     def __init__(self, llm, tokenizer, reranker, token_budget=4096):
+        if not isinstance(token_budget, int) or isinstance(token_budget, bool) or token_budget < 1:
+            raise ValueError(f"token_budget: {token_budget!r} is not an int >= 1")
         self.llm, self.tokenizer, self.reranker = llm, tokenizer, reranker
         self.template = Template(tokenizer, reranker.cfg.instruction)
         self.token_budget = token_budget
@@ -26,16 +36,30 @@ class Ranker:
         """{qid: {docid: score}} for queries {qid: text}, candidates {qid: [docid]} and corpus
         {docid: text}; each passage's keys/values are computed once for every query that meets it.
         Scores are mean log-probabilities of the query: higher is better."""
+        check_texts("queries", queries)
+        check_texts("corpus", corpus, empty_ok=True)
+        if not isinstance(candidates, dict):
+            raise TypeError(f"candidates: a dict {{qid: [docid]}}, not {type(candidates).__name__}")
+        for qid, docids in candidates.items():
+            if qid not in queries:
+                raise KeyError(f"candidates: query {qid!r} is not in queries")
+            if isinstance(docids, str) or not isinstance(docids, (list, tuple)):
+                raise TypeError(f"candidates[{qid!r}]: a list of docids, not {docids!r:.40}")
+            if missing := next((d for d in docids if d not in corpus), None):
+                raise KeyError(f"candidates[{qid!r}]: passage {missing!r} is not in corpus")
         passages = {d: corpus[d] for docs in candidates.values() for d in docs}
         tokens = tokenize(self.tokenizer, self.reranker.cfg, queries, passages)
         rerankers = {"ranker": self.reranker}
         scores, _ = rerank(
             self.llm, self.template, rerankers, candidates, tokens, self.token_budget, None
         )
+        check_finite(scores, self.llm.name)
         return {q: scores["ranker"].get(q, {}) for q in candidates}
 
     def score(self, query, passages):
         """[score of each passage] for one query, in the passages' order."""
+        if isinstance(passages, str) or not isinstance(passages, (list, tuple)):
+            raise TypeError(f"passages: a list of strings, not {type(passages).__name__}")
         ids = [str(i) for i in range(len(passages))]
         scores = self.rerank({"q": query}, {"q": ids}, dict(zip(ids, passages)))["q"]
         return [scores[i] for i in ids]
@@ -43,12 +67,28 @@ class Ranker:
     def rank(self, query, passages, ids=None, top_k=None):
         """[(id, score)] best first (ids default to the passages' positions), top_k first only."""
         ids = list(range(len(passages))) if ids is None else list(ids)
+        if len(ids) != len(passages):
+            raise ValueError(f"ids: {len(ids)} ids for {len(passages)} passages")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k: {top_k!r} is not None or an int >= 1")
         ranked = sorted(zip(ids, self.score(query, passages)), key=lambda pair: -pair[1])
-        return ranked[:top_k] if top_k else ranked
+        return ranked[:top_k]
 
     def save(self, folder, **extra):
         """Write the trained module as an adapter folder (load it with load_ranker(adapter=...))."""
         save_adapter(self.reranker, Path(folder), self.llm, extra)
+
+
+def check_texts(what, texts, empty_ok=False):
+    """{id: text} with string ids and texts (a query must say something): TypeError or ValueError
+    naming the argument and the id."""
+    if not isinstance(texts, dict):
+        raise TypeError(f"{what}: a dict {{id: text}}, not {type(texts).__name__}")
+    for key, text in texts.items():
+        if not isinstance(key, str) or not isinstance(text, str):
+            raise TypeError(f"{what}: {key!r}: ids and texts must be strings")
+        if not empty_ok and not text.strip():
+            raise ValueError(f"{what}: {key!r} has no text")
 
 
 def load_ranker(

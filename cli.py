@@ -2,16 +2,16 @@
 split asked for, and write runs, modules, metrics.json and a table (see README)."""
 
 import argparse
+import fcntl
 import hashlib
 import json
-import math
 import platform
 import shlex
 import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 import data
 import eval as ir
-from eval import atomic_save
+from eval import atomic_save, read_json
 from qpeft import LOSSES, METHODS, QPEFTConfig, Reranker, Template
 from runtime import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    check_finite,
     check_positions,
     load_adapter,
     load_llm,
@@ -34,7 +35,6 @@ from runtime import (
     setup_device,
     tokenize,
 )
-from tokenizer import read_json
 from train import (
     MEASURES,
     SELECT_ON,
@@ -104,32 +104,13 @@ PRESETS = {
     ),
 }
 
-# Every numeric flag's range, checked at parse time: (lowest allowed, first not allowed or None).
+# The range of each numeric flag that is not a QPEFTConfig or TrainConfig field (those check
+# themselves: qpeft.check_fields): (lowest allowed, first not allowed or None).
 RANGES = {
     "depth": (1, None),
     "token_budget": (1, None),
     "train_queries": (0, None),
     "seeds": (1, None),
-    "top_k": (1, None),
-    "heads": (1, None),
-    "dropout": (0.0, 1.0),
-    "max_passage_tokens": (1, None),
-    "max_query_tokens": (1, None),
-    "steps": (0, None),
-    "epochs": (0, None),
-    "queries_per_batch": (1, None),
-    "list_negatives": (1, None),
-    "lr": (0.0, None),
-    "weight_decay": (0.0, None),
-    "margin": (0.0, None),
-    "pointwise_weight": (0.0, None),
-    "eval_every": (0, None),
-    "save_every": (1, None),
-    "patience": (1, None),
-    "dev_queries": (0, None),
-    "dev_depth": (1, None),
-    "fit_queries": (0, None),
-    "seed": (0, None),
 }
 
 
@@ -222,6 +203,12 @@ def parse_args(argv):
         add_field(p, f)
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = p.parse_args(argv)
+    listed = (args.methods or "zeroshot").split(",")
+    if args.adapter and (trained := [m for m in listed if m != "zeroshot"]):
+        p.error(
+            f"--methods {trained[0]}: with --adapter the adapters are the trained rows "
+            f"(--methods may list zeroshot only)"
+        )
     if args.data is None and args.methods is None:
         args.methods = "zeroshot"
     for key, value in PRESETS[args.preset].items():
@@ -233,6 +220,12 @@ def parse_args(argv):
             bound = f">= {low}" + (f" and < {high}" if high is not None else "")
             p.error(f"--{name.replace('_', '-')}: {value} is out of range (must be {bound})")
     check_flags(p, args)
+    for settings in (QPEFTConfig, TrainConfig):
+        try:
+            pick(settings, args)
+        except ValueError as e:  # "name: what is wrong" -> "--name: what is wrong"
+            name, what = str(e).split(":", 1)
+            p.error(f"--{name.replace('_', '-')}:{what}")
     return args
 
 
@@ -320,9 +313,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run_command(args, argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a full or read-only disk, a missing file
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            e = f"{e.filename}: {e.strerror}"
         print(f"qpeft.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -367,12 +362,14 @@ def read_target(args):
     return dataset, target, split, requests, files
 
 
-def first_stage_of(target, split, depth, log):
-    """{qid: {docid: score}} the whole first stage, and {qid: [docid]} its top `depth` to rerank.
-    Queries without candidates or text are left out, as trec_eval leaves out queries missing
-    from a run."""
+def first_stage_of(target, split, depth, log, every_run_query=False):
+    """{qid: {docid: score}} the whole first stage, and {qid: [docid]} its top `depth` to rerank:
+    of the judged queries of a dataset's split, or (every_run_query: --run, --requests) of every
+    query of the given run, judged or not. Queries without candidates or text are left out, as
+    trec_eval leaves out queries missing from a run."""
     longest = max(map(len, target.runs.get(split, {}).values()), default=0)
-    first_stage = target.first_stage(split, max(1000, depth, longest))  # a given run: whole
+    qids = list(target.runs[split]) if every_run_query else None
+    first_stage = target.first_stage(split, max(1000, depth, longest), qids)  # a given run: whole
     if empty := [q for q in first_stage if not target.queries[q].strip()]:
         log(
             f"warning: {len(empty)} {split} queries have no text and are skipped "
@@ -396,6 +393,12 @@ def adapters(args, llm, tokenizer):
                 f"--adapter: two rows would be called {name!r} ({folder}); rename the folder"
             )
         rerankers[name] = load_adapter(folder, llm, tokenizer, args.any_base_model)
+        for key, value in asdict(rerankers[name].cfg).items():  # what a module flag would change
+            if getattr(args, key, None) not in (None, value):
+                raise ValueError(
+                    f"--{key.replace('_', '-')} {getattr(args, key)}: {folder} was trained with "
+                    f"{key} {value!r}, and an adapter keeps its own module settings; drop the flag"
+                )
         training[name] = read_json(Path(folder) / ADAPTER_CONFIG).get("training")
     configs = [r.cfg for r in rerankers.values()]
     if len({(c.instruction, c.max_passage_tokens, c.max_query_tokens) for c in configs}) > 1:
@@ -412,6 +415,9 @@ def run_name(method, seed, seeds):
 
 def run_command(args, argv):
     out, log = Path(args.out), Log(Path(args.out))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    read_json(out / "metrics.json")  # an earlier one it cannot merge into: now, not at the end
     dataset, target, split, requests, files = read_target(args)
     trains = not args.adapter and any(m != "zeroshot" for m in args.methods.split(","))
     extra_train = [data.load_dataset(n) for n in args.train_data.split(",") if n and trains]
@@ -422,11 +428,16 @@ def run_command(args, argv):
         width = f"the width of {args.model} ({llm.cfg.dim})"
         raise ValueError(f"--heads {base_cfg.heads} does not divide {width}")
 
-    first_stage, candidates = first_stage_of(target, split, args.depth, log)
+    every_run_query = target is not dataset  # --run, --requests
+    first_stage, candidates = first_stage_of(target, split, args.depth, log, every_run_query)
     rerankers, adapter_training = adapters(args, llm, tokenizer) if args.adapter else ({}, {})
     if rerankers:  # the longest hint block any adapter can write must fit the model
         top_k = max(r.cfg.top_k for r in rerankers.values())
         base_cfg = replace(next(iter(rerankers.values())).cfg, top_k=top_k)
+        if "zeroshot" in args.methods.split(","):
+            limits = f"max_passage_tokens {base_cfg.max_passage_tokens}, max_query_tokens "
+            limits += f"{base_cfg.max_query_tokens}, instruction {base_cfg.instruction!r}"
+            log(f"zeroshot: scored with the adapters' settings ({limits}), as they are")
     template = Template(tokenizer, base_cfg.instruction)
     listed = args.methods.split(",")
     # with --adapter: the adapters, and zero-shot beside them when --methods lists it
@@ -458,8 +469,7 @@ def run_command(args, argv):
     out.mkdir(parents=True, exist_ok=True)
     log_provenance(record, log)
     log(f"data {target.name}: {len(candidates)} {split} queries x depth {args.depth}")
-    # Merged per method and split: another command's methods and splits in this --out stay.
-    metrics = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
+    metrics = {}  # this command's rows, merged into metrics.json at the end (save_metrics)
     groups = {m: [m] for m in methods if m not in trained}  # table row -> its runs (one per seed)
     for name, training in adapter_training.items():  # the adapter's own record, not a stale one
         metrics.setdefault(name, {})["training"] = training
@@ -483,17 +493,16 @@ def run_command(args, argv):
         llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {split}"
     )
     check_finite(scores, args.model)
-    if process_index() == 0:  # every score is here: rank 0 evaluates and writes
+    if process_index() == 0:  # every score is here: rank 0 evaluates, then writes all at once
         runs = {"bm25": first_stage}
         runs.update({name: with_tail(scores[name], first_stage) for name in rerankers})
-        write_runs(runs, split, requests, out)
+        outputs, table = ir.Outputs(), None
+        write_runs(runs, split, requests, out, outputs.add)
         if any(target.qrels[split].values()):
-            report(
+            table = report(
                 target,
                 split,
                 args,
-                out,
-                log,
                 metrics,
                 runs,
                 candidates,
@@ -501,13 +510,15 @@ def run_command(args, argv):
                 rerankers,
                 timing,
                 record,
+                outputs.add,
             )
         else:
             for row in groups:
                 entry = {"queries": len(candidates), "depth": args.depth, "provenance": record}
                 metrics.setdefault(row, {})[split] = entry
-            save_metrics(metrics, out)
-            log(f"no qrels for {split}: runs written to {out}/, nothing evaluated")
+        outputs.commit()
+        save_metrics(metrics, out)
+        log(table or f"no qrels for {split}: runs written to {out}/, nothing evaluated")
     seconds = time.perf_counter() - run_start
     log(f"total wall time {seconds:.0f} s; runs, adapters and metrics.json in {out}/")
     if dist.is_initialized():  # leave together: a process that tears its connections down while
@@ -561,28 +572,25 @@ def log_provenance(record, log):
     )
 
 
-def check_finite(scores, model):
-    """NaN or inf would reach the runs and the table: an error naming method, query and passage."""
-    for method, per_query in scores.items():
-        for qid, docs in per_query.items():
-            for docid, value in docs.items():
-                if not math.isfinite(value):
-                    raise ValueError(
-                        f"{method} scored query {qid!r} passage {docid!r} as {value} "
-                        f"(model {model}): non-finite scores are not ranked"
-                    )
-
-
-def write_runs(runs, split, requests, out):
+def write_runs(runs, split, requests, out, save):
     """A TREC run per row, and rank_llm JSONL beside it when the input was --requests."""
     for name, run in runs.items():
-        ir.write_run(out / f"{name}.{split}.trec", run, tag=name.replace("-", "_"))
+        ir.write_run(out / f"{name}.{split}.trec", run, name.replace("-", "_"), save)
         if requests is not None:
-            data.write_requests(out / f"{name}.{split}.jsonl", requests, run)
+            data.write_requests(out / f"{name}.{split}.jsonl", requests, run, save)
 
 
-def save_metrics(metrics, out):
-    atomic_save(lambda f: Path(f).write_text(json.dumps(metrics, indent=1)), out / "metrics.json")
+def save_metrics(rows, out):
+    """Merge this command's rows into out/metrics.json per row and key (a split, "training",
+    "dev_check"), reading the file at write time under a lock: the rows of other commands on the
+    same --out stay, even of one that wrote while this one ran."""
+    path = out / "metrics.json"
+    with open(out / ".metrics.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        metrics = read_json(path)
+        for row, entries in rows.items():
+            metrics.setdefault(row, {}).update(entries)
+        atomic_save(lambda f: Path(f).write_text(json.dumps(metrics, indent=1)), path)
 
 
 def log_training_inputs(llm, template, examples, dev, tc, tokens, log):
@@ -610,15 +618,19 @@ def log_training_inputs(llm, template, examples, dev, tc, tokens, log):
     return record
 
 
-def report(
-    target, split, args, out, log, metrics, runs, candidates, groups, rerankers, timing, record
-):
-    """One metrics entry and table row per method: the mean over its seeds of each measure, their
-    SD, and deltas with paired t-tests over queries on the per-query mean over seeds."""
+def report(target, split, args, metrics, runs, candidates, groups, rerankers, timing, record, save):
+    """One metrics entry per method and the table: the mean over its seeds of each measure, their
+    SD, and deltas with paired t-tests over queries on the per-query mean over seeds. The
+    per-query values go to `save` (the command's Outputs)."""
     qrels, level = target.qrels[split], target.relevance_level(split)
     per_run = {name: evaluate_run(run, qrels, level) for name, run in runs.items()}
+    if not per_run["bm25"]:
+        raise ValueError(
+            f"{split}: none of the {len(runs['bm25'])} reranked queries is judged in the qrels; "
+            f"nothing to evaluate (run without qrels to write the runs only)"
+        )
     for name, values in per_run.items():  # what a table is recomputed from (results/README.md)
-        ir.write_per_query(out / f"{name}.{split}.per-query.tsv", values)
+        ir.write_per_query(Path(args.out) / f"{name}.{split}.per-query.tsv", values, save)
     per_query = {"bm25": per_run["bm25"]}
     per_query.update(
         {row: mean_over_seeds([per_run[n] for n in names]) for row, names in groups.items()}
@@ -647,16 +659,13 @@ def report(
                 trainable_parameters=rerankers[names[0]].trainable_parameters(),
             )
         metrics.setdefault(row, {})[split] = {**entry, "provenance": record}
-    save_metrics(metrics, out)
     binary = all(g <= 1 for judged in qrels.values() for g in judged.values())
-    log(
-        results_table(
-            {row: metrics[row][split] for row in per_query},
-            split,
-            level,
-            args.depth,
-            SHOWN_BINARY if binary else SHOWN_GRADED,
-        )
+    return results_table(
+        {row: metrics[row][split] for row in per_query},
+        split,
+        level,
+        args.depth,
+        SHOWN_BINARY if binary else SHOWN_GRADED,
     )
 
 

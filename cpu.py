@@ -6,9 +6,11 @@
   reuse_freed_memory glibc keeps freed tensors' pages mapped (fewer page faults)
   native_bf16        whether this CPU multiplies bfloat16 in hardware
 
-runtime.load_llm uses them on the CPU; model.Transformer (SDPA over padded batches) everywhere else.
-They stay because bench.py measures them faster than SDPA on the same pairs (its "score zeroshot
-(model.Transformer, SDPA)" row); a reader who copies the model needs none of this file.
+runtime.load_llm takes PackedTransformer on the CPU in float32, where bench.py measures it faster
+than model.Transformer (SDPA over padded batches) on the same pairs (2-core AMD EPYC: scoring
+1.03x, training 1.12x); in bfloat16 it was no faster (emulated bf16 here; on an AVX-512 BF16 CPU
+SDPA was faster), so bfloat16 and GPUs take model.Transformer. A reader who copies the model needs
+none of this file.
 """
 
 import ctypes

@@ -333,7 +333,7 @@ def requests_dataset(path, qrels=None):
     return dataset, records
 
 
-def write_requests(path, records, run):
+def write_requests(path, records, run, save=atomic_save):
     """rank_llm's format again: each record's candidates reordered best first by `run`
     {qid: {docid: score}}, with those scores (written whole: temp file, then rename)."""
     lines = []
@@ -343,7 +343,7 @@ def write_requests(path, records, run):
         candidates = sorted(record["candidates"], key=lambda c: order[str(c["docid"])])
         candidates = [{**c, "score": scores[str(c["docid"])]} for c in candidates]
         lines.append(json.dumps({**record, "candidates": candidates}, ensure_ascii=False))
-    atomic_save(lambda f: Path(f).write_text("\n".join(lines) + "\n", encoding="utf-8"), path)
+    save(lambda f: Path(f).write_text("\n".join(lines) + "\n", encoding="utf-8"), path)
 
 
 def merge_datasets(*datasets):

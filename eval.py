@@ -19,9 +19,11 @@ Recipes (3rd ed., section 6.4), written out below so that no scipy is needed.
 """
 
 import argparse
+import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -71,14 +73,47 @@ def read_qrels(path, check=None):
     return qrels
 
 
+BOM = "\ufeff"  # what Windows editors put before UTF-8 text
+
+
+def without_bom(text, path):
+    """text without a leading byte-order mark, with a warning naming the file: every reader of
+    ours (runs, qrels, jsonl, tsv, JSON) strips it the same way, so it never becomes part of an id
+    or a header."""
+    if not text.startswith(BOM):
+        return text
+    print(f"warning: {path}: starts with a UTF-8 byte-order mark; ignored", file=sys.stderr)
+    return text[1:]
+
+
 def text_lines(path):
     """(line number, line) of a UTF-8 text file; a line that is not UTF-8 is an error naming it."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
-                yield line_no, raw.decode("utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise ValueError(f"{path}:{line_no}: not valid UTF-8") from None
+            yield line_no, without_bom(line, path) if line_no == 1 else line
+
+
+def read_json(path, required=False):
+    """A JSON file's object ({} when it is absent and not required). Not UTF-8, not JSON or not
+    an object: one line naming the file."""
+    path = Path(path)
+    if not path.exists() and not required:
+        return {}
+    try:
+        value = json.loads(without_bom(path.read_text(encoding="utf-8"), path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable ({e.strerror})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object (found {type(value).__name__})")
+    return value
 
 
 def read_run(path, check=None):
@@ -122,10 +157,57 @@ def atomic_save(write, path):
         tmp.unlink(missing_ok=True)
 
 
-def write_run(path, run, tag):
+class Outputs:
+    """A command's files, committed together: add(write, path) as for atomic_save, then commit()
+    writes every one to a temporary file and renames them into place only once all are written.
+    An error before commit (a table that cannot be computed) or during the writes (disk full)
+    leaves every earlier file as it was."""
+
+    def __init__(self):
+        self.pending = []
+
+    def add(self, write, path):
+        self.pending.append((write, Path(path)))
+
+    def commit(self):
+        staged = []
+        try:
+            for write, path in self.pending:
+                staged.append((path.with_name(path.name + f".tmp{os.getpid()}"), path))
+                write(staged[-1][0])
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        self.pending = []
+
+
+def atomic_folder(write, folder):
+    """Write a folder beside `folder` (write(staging)), then swap it into place: the earlier
+    folder is renamed aside and removed only once the new one is there. A failed write leaves the
+    earlier folder untouched; only a crash between the two renames (microseconds) leaves it
+    under its aside name, .{name}.old{pid}, nothing lost."""
+    folder = Path(folder)
+    staging, aside = (folder.with_name(f".{folder.name}.{k}{os.getpid()}") for k in ("new", "old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if folder.exists():
+        os.replace(folder, aside)
+    os.replace(staging, folder)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_run(path, run, tag, save=atomic_save):
     """Write a TREC run whose rank column is trec_eval's order. Scores are written with repr(),
     the shortest text that reads back as the same float, so no ties are invented. Written
-    through a temporary file (atomic_save): a crash leaves no half a run."""
+    through a temporary file (atomic_save, or Outputs.add): a crash leaves no half a run."""
     if not tag or any(c.isspace() for c in tag):
         raise ValueError(f"run tag '{tag}' must be one word")
     lines = [
@@ -133,10 +215,10 @@ def write_run(path, run, tag):
         for qid, scores in run.items()
         for rank, docid in enumerate(trec_ranking(scores), 1)
     ]
-    atomic_save(lambda f: Path(f).write_text("".join(lines), encoding="utf-8"), path)
+    save(lambda f: Path(f).write_text("".join(lines), encoding="utf-8"), path)
 
 
-def write_per_query(path, per_query):
+def write_per_query(path, per_query, save=atomic_save):
     """Per-query values as eval.py -q prints them ('measure<TAB>qid<TAB>value'), but with every
     digit (repr): the values behind a table, small enough to keep in the repository."""
     lines = [
@@ -144,7 +226,7 @@ def write_per_query(path, per_query):
         for qid, values in per_query.items()
         for m, value in values.items()
     ]
-    atomic_save(lambda f: Path(f).write_text("".join(lines), encoding="utf-8"), path)
+    save(lambda f: Path(f).write_text("".join(lines), encoding="utf-8"), path)
 
 
 def read_per_query(path):

@@ -13,7 +13,6 @@ Credits: the layout follows Meta's Llama reference and HF transformers' LlamaFor
 and gpt-fast.
 """
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tokenizer import Tokenizer, read_json
+from eval import read_json
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -44,13 +44,7 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path):
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: config.json not found")
-        try:
-            c = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        c = read_json(path, required=True)
         if c.get("model_type") != "llama":
             what = f"model_type {c.get('model_type')!r}"
             raise ValueError(f"{path}: {what} is not supported (only 'llama')")
@@ -64,6 +58,9 @@ class LlamaConfig:
         if scaling is not None and kind != "llama3":
             what = f"rope_scaling type {kind!r}"
             raise ValueError(f"{path}: {what} is not supported (only null or 'llama3')")
+        llama3 = "factor low_freq_factor high_freq_factor original_max_position_embeddings"
+        if scaling is not None and (missing := [k for k in llama3.split() if k not in scaling]):
+            raise ValueError(f"{path}: the llama3 rope scaling lacks '{missing[0]}'")
         if c.get("hidden_act", "silu") != "silu":
             what = f"hidden_act {c['hidden_act']!r}"
             raise ValueError(f"{path}: {what} is not supported (only 'silu', SwiGLU)")

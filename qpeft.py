@@ -20,9 +20,10 @@ method that meets the passage; only H, "Question: \\n" and the query run per pai
 are computed only where the query is predicted.
 """
 
+import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,31 @@ class QPEFTConfig:
     residual_mlp: bool = False  # H = x + MLP(x), MLP starts at 0 (not in the paper; off = faithful)
     max_passage_tokens: int = 160  # passages are cut to this many tokens, keeping the start
     max_query_tokens: int = 64  # queries too (a query is also the hint block of qpeft-a)
+
+    def __post_init__(self):  # flags, adapter configs and API keywords all pass here
+        lowest = dict(top_k=1, heads=1, dropout=0.0, max_passage_tokens=1, max_query_tokens=1)
+        check_fields(self, lowest, below={"dropout": 1.0})
+        if self.method not in METHODS:
+            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if not self.instruction.strip():
+            raise ValueError("instruction: empty")
+
+
+def check_fields(settings, lowest, below=()):
+    """Each field of a settings dataclass has its declared type (an int is no bool, a float is a
+    finite number) and lies in [lowest[name], below[name]) where given. ValueError names it."""
+    for f in fields(settings):
+        value, name = getattr(settings, f.name), f.name
+        if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # an API caller's lr=1 means 1.0
+            setattr(settings, name, value)
+        if not isinstance(value, f.type) or (f.type is not bool and isinstance(value, bool)):
+            raise ValueError(f"{name}: {value!r} is not a{'n' * (f.type is int)} {f.type.__name__}")
+        if f.type is float and not math.isfinite(value):
+            raise ValueError(f"{name}: {value} is not finite")
+        if value < lowest.get(name, value) or (name in below and value >= below[name]):
+            bound = f">= {lowest[name]}" + (f" and < {below[name]}" if name in below else "")
+            raise ValueError(f"{name}: {value} is out of range (must be {bound})")
 
 
 # ---- The input template, tokenised piece by piece -------------------------------------------

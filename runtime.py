@@ -4,7 +4,9 @@ module's limits, and reranking a candidate set through the fast path in passage 
 
 import hashlib
 import json
+import math
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,10 +19,9 @@ from tqdm import tqdm
 
 import cpu
 import data
-from eval import atomic_save
+from eval import atomic_folder, read_json
 from model import Transformer, load
 from qpeft import (
-    METHODS,
     QPEFTConfig,
     Reranker,
     Template,
@@ -47,6 +48,8 @@ def setup_device(name):
     is one). Under torchrun (WORLD_SIZE > 1) also joins the process group: nccl between GPUs,
     gloo on CPUs; each process of a node takes GPU LOCAL_RANK. Errors name the flag."""
     processes, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name}: unknown (auto, cpu, cuda, cuda:N or mps)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -87,14 +90,30 @@ def gather(value):
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
-def model_fingerprint(folder):
-    """sha256 of a model folder's config.json and safetensors headers (every tensor's name, shape,
-    dtype and offsets): another checkpoint changes it, and it reads kilobytes, not the weights."""
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
+def model_fingerprint(folder, samples=8, block=4096):
+    """sha256 of what makes a model folder this model: config.json, the tokenizer files, and each
+    safetensors file's header (every tensor's name, shape, dtype and offsets) with `samples`
+    blocks of each tensor's bytes, evenly spaced from its first to its last (the whole tensor
+    when it is small). Another checkpoint of the same shapes changes it, a fine-tune changes every
+    block; it reads ~9 MB of SmolLM2's 269 MB."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer.model"):
+        if (folder / name).is_file():
+            digest.update(name.encode() + (folder / name).read_bytes())
     for file in sorted(folder.glob("*.safetensors")):
         with open(file, "rb") as f:
             size = f.read(8)
-            digest.update(size + f.read(int.from_bytes(size, "little")))
+            header = f.read(int.from_bytes(size, "little"))
+            digest.update(size + header)
+            start = 8 + len(header)
+            for name, entry in sorted(json.loads(header).items()):
+                if name == "__metadata__":
+                    continue
+                begin, end = (start + offset for offset in entry["data_offsets"])
+                last = max(end - block, begin)  # where the last block starts
+                for k in range(samples):  # overlapping, so all of a tensor <= samples x block
+                    f.seek(begin + (last - begin) * k // (samples - 1))
+                    digest.update(f.read(min(block, end - begin)))
     return digest.hexdigest()
 
 
@@ -108,15 +127,20 @@ def default_dtype(device):
 
 def load_llm(model, dtype=None, device="cpu"):
     """The frozen LLM (a name under $QPEFT_HOME/models or a folder) and its tokenizer; llm.name
-    and llm.sha256 say which model an adapter trained on it belongs to. On the CPU the model is
-    cpu.PackedTransformer (the same numbers, less work); elsewhere model.Transformer."""
+    and llm.sha256 say which model an adapter trained on it belongs to. On the CPU in float32 the
+    model is cpu.PackedTransformer (the same numbers, less work); else model.Transformer."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, dtype)
+    if dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype: {dtype!r} is not float32 or bfloat16 (or None: the default)")
     folder = data.find_asset(model, "models")
     device = torch.device(device)
+    dtype = dtype or default_dtype(device)
     model_class = Transformer
     if device.type == "cpu":
         cpu.reuse_freed_memory()
-        model_class = cpu.PackedTransformer
-    llm, tokenizer = load(folder, dtype or default_dtype(device), device, model_class)
+        if dtype == torch.float32:  # where bench.py measures it faster than SDPA
+            model_class = cpu.PackedTransformer
+    llm, tokenizer = load(folder, dtype, device, model_class)
     llm.name, llm.sha256 = folder.name, model_fingerprint(folder)
     return llm, tokenizer
 
@@ -124,15 +148,18 @@ def load_llm(model, dtype=None, device="cpu"):
 def save_adapter(reranker, folder, llm, extra):
     """A peft-style adapter folder: the trainable parameters only (never the frozen LLM) in
     adapter_model.safetensors, and adapter_config.json with every QPEFTConfig field (the method
-    among them), the base model's name and fingerprint, and `extra` (training data, dev history)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    # the config goes first and comes back last: a crash in between leaves no adapter to reuse
-    (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
+    among them), the base model's name and fingerprint, and `extra` (training data, dev history).
+    Written beside and renamed into place (eval.atomic_folder): a failed save (disk full) leaves
+    the earlier adapter as it was."""
     weights = {k: v.contiguous() for k, v in trainable_state(reranker).items()}
-    atomic_save(lambda f: save_file(weights, f), folder / ADAPTER_WEIGHTS)
     base = {"base_model_name_or_path": llm.name, "base_model_sha256": llm.sha256}
-    config = {"qpeft": asdict(reranker.cfg), **base, **extra}
-    atomic_save(lambda f: Path(f).write_text(json.dumps(config, indent=1)), folder / ADAPTER_CONFIG)
+    config = json.dumps({"qpeft": asdict(reranker.cfg), **base, **extra}, indent=1)
+
+    def write(staging):
+        save_file(weights, staging / ADAPTER_WEIGHTS)
+        (staging / ADAPTER_CONFIG).write_text(config, encoding="utf-8")
+
+    atomic_folder(write, folder)
 
 
 def load_adapter(folder, llm, tokenizer, any_base_model=False):
@@ -144,14 +171,14 @@ def load_adapter(folder, llm, tokenizer, any_base_model=False):
         files = f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
         raise FileNotFoundError(f"{config_file}: missing (an adapter is a folder with {files})")
     try:
-        config = json.loads(config_file.read_text())
+        config = read_json(config_file)
         cfg = QPEFTConfig(**config["qpeft"])
         base, base_sha = config["base_model_name_or_path"], config["base_model_sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:  # TypeError: unknown or missing field
+    except (KeyError, TypeError) as e:  # TypeError: unknown or missing field
         error = f"{type(e).__name__}: {e}"
         raise ValueError(f"{config_file}: not an adapter config ({error})") from None
-    if cfg.method not in METHODS:
-        raise ValueError(f"{config_file}: unknown method {cfg.method!r} (known: {METHODS})")
+    except ValueError as e:  # a setting out of range: QPEFTConfig checks it, as for a flag
+        raise ValueError(f"{config_file}: {e}") from None
     if base_sha != llm.sha256 and not any_base_model:
         raise ValueError(
             f"{folder}: trained on {base} (sha256 {base_sha[:12]}), not on {llm.name} "
@@ -248,6 +275,18 @@ def rerank_everywhere(
             for qid, of_doc in of_query.items():
                 scores[method].setdefault(qid, {}).update(of_doc)
     return scores, {m: max(s[m] for s in gather(seconds)) for m in rerankers}
+
+
+def check_finite(scores, model):
+    """NaN or inf would reach the runs and the table: an error naming method, query and passage."""
+    for method, per_query in scores.items():
+        for qid, docs in per_query.items():
+            for docid, value in docs.items():
+                if not math.isfinite(value):
+                    raise ValueError(
+                        f"{method} scored query {qid!r} passage {docid!r} as {value} "
+                        f"(model {model}): non-finite scores are not ranked"
+                    )
 
 
 # ---- Texts to token ids within the module's limits -----------------------------------------

@@ -7,11 +7,13 @@ merged by BPE. Every byte has a token, so there is no <unk> and decoding is loss
 The pre-tokenizer and decoder rules follow HF `tokenizers` so that ids match it exactly.
 """
 
-import json
+import heapq
 from pathlib import Path
 
 import regex  # stdlib `re` has no \p{L} / \p{N} classes, which the GPT-2 pattern needs
 import sentencepiece
+
+from eval import read_json
 
 # GPT-2's split: contractions, letter runs, number runs, punctuation runs, each taking at most
 # one leading space. `\s+(?!\S)` leaves the last space of a run to the next word, so " world"
@@ -75,16 +77,6 @@ def _pre_tokenizer_steps(spec, unsupported):
     raise unsupported(
         f"pre_tokenizer {kind!r} { ({k: v for k, v in spec.items() if k != 'type'}) }"
     )
-
-
-def read_json(path: Path, required=False) -> dict:
-    """A JSON file's object ({} when it is absent and not required); bad JSON names the file."""
-    if not path.exists() and not required:
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _template_adds_bos(post) -> bool:
@@ -194,15 +186,39 @@ class Tokenizer:
         word = piece.encode("utf-8").decode("latin-1").translate(self.byte_chars)
         if self.ignore_merges and word in self.vocab:  # Llama-3: a word that is a token stays whole
             return [self.vocab[word]]
-        parts = list(word)
-        while len(parts) > 1:
-            # merge the adjacent pair of lowest rank (leftmost on ties) until none is mergeable
-            pairs = zip(parts, parts[1:])
-            rank, i = min((self.ranks.get(pair, float("inf")), i) for i, pair in enumerate(pairs))
-            if rank == float("inf"):
-                break
-            parts[i : i + 2] = [parts[i] + parts[i + 1]]
-        return [self.vocab[p] for p in parts]
+        return [self.vocab[p] for p in self._merge(list(word))]
+
+    def _merge(self, parts):
+        """BPE: merge the adjacent pair of lowest rank, leftmost on ties, until none is mergeable.
+        Plainly that is a scan of every pair per merge, quadratic in the word's length (a 200,000
+        character URL or base64 blob would take hours); here the candidate pairs wait in a heap
+        keyed (rank, position of the left part), and a merged part keeps its left position, so
+        the heap pops exactly what the scan would pick, in n log n."""
+        n = len(parts)
+        right = list(range(1, n)) + [-1]  # index of the next live part, -1 at the end
+        left = list(range(-1, n - 1))
+        heap = [
+            (self.ranks[pair], i)
+            for i, pair in enumerate(zip(parts, parts[1:]))
+            if pair in self.ranks
+        ]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = right[i]
+            # stale: i was merged away (None), or a neighbour changed since the pair was pushed;
+            # ranks are unique per pair, so an equal rank means the same pair
+            if parts[i] is None or j < 0 or self.ranks.get((parts[i], parts[j])) != rank:
+                continue
+            parts[i], parts[j] = parts[i] + parts[j], None
+            right[i] = right[j]
+            if right[i] >= 0:
+                left[right[i]] = i
+            for a in (left[i], i):  # the two pairs the new part belongs to
+                b = right[a] if a >= 0 else -1
+                if a >= 0 and b >= 0 and (parts[a], parts[b]) in self.ranks:
+                    heapq.heappush(heap, (self.ranks[parts[a], parts[b]], a))
+        return [p for p in parts if p is not None]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

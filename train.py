@@ -3,6 +3,7 @@ ranking metric, early stopping, the best module kept, and resuming an interrupte
 
 import hashlib
 import json
+import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
 import eval as ir
-from eval import atomic_save
+from eval import atomic_save, read_json
 from qpeft import (
     LOSS_TERMS,
     LOSSES,
@@ -25,6 +27,7 @@ from qpeft import (
     Reranker,
     Template,
     batch_pairs,
+    check_fields,
     encode_prefixes,
     list_pairs,
     pair_counts,
@@ -65,9 +68,15 @@ class TrainConfig:
     fit_queries: int = 16  # train queries ranked at each check too: is the train set fitted?
     seed: int = 0
 
-    def __post_init__(self):  # the API's keywords get the command line's check
+    def __post_init__(self):  # flags, resume files and API keywords all pass here
+        check_fields(self, TRAIN_LOWEST)
         if self.loss not in LOSSES:
-            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+            raise ValueError(f"loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
+
+
+TRAIN_LOWEST = dict(steps=0, epochs=0, queries_per_batch=1, list_negatives=1, lr=0.0)
+TRAIN_LOWEST.update(weight_decay=0.0, margin=0.0, pointwise_weight=0.0, eval_every=0)
+TRAIN_LOWEST.update(save_every=1, patience=1, dev_queries=0, dev_depth=1, fit_queries=0, seed=0)
 
 
 def batch_loss(llm, template, reranker, batch, tokens, tc, share=(0, 1), epoch=0):
@@ -349,9 +358,13 @@ def train(setting, reranker, train_examples, tc, name=None):
 
 def save_resume(files, reranker, optimizer, state, config):
     """Everything training needs to continue, without pickle (a pickle runs code when read): the
-    tensors (module, best module, AdamW moments, RNG states) as safetensors, the rest as JSON,
-    written last, so the JSON's presence means the pair is complete."""
-    json_file, tensor_file = files
+    tensors (module, best module, AdamW moments, RNG states) as safetensors, the rest as JSON.
+    The tensors go to a file of this save, out/{name}.resume.step{N}-{id}.safetensors; the JSON,
+    written last, names that file and the save's id, which the file holds too: the pair cannot
+    tear, and an interrupted save leaves the previous pair whole. Older tensor files go after."""
+    json_file, tensor_base = files
+    save_id = f"step{state['step']}-{os.urandom(6).hex()}"
+    tensor_file = tensor_base.with_name(f"{tensor_base.stem}.{save_id}.safetensors")
     optim = optimizer.state_dict()
     tensors = {
         **{f"module.{k}": v for k, v in reranker.state_dict().items()},
@@ -365,29 +378,43 @@ def save_resume(files, reranker, optimizer, state, config):
     }
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    atomic_save(
-        lambda f: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, f),
-        tensor_file,
-    )
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    atomic_save(lambda f: save_file(tensors, f, metadata={"save_id": save_id}), tensor_file)
     meta = {
         "config": config,
+        "tensors": tensor_file.name,
+        "save_id": save_id,
         "param_groups": optim["param_groups"],
         "state": {k: v for k, v in state.items() if k != "best"},
     }
     atomic_save(lambda f: Path(f).write_text(json.dumps(meta)), json_file)
+    for old in tensor_base.parent.glob(f"{tensor_base.stem}.step*.safetensors"):
+        if old != tensor_file:
+            old.unlink(missing_ok=True)
 
 
 def load_resume(files, reranker, optimizer, config):
     """The training state save_resume wrote, loaded into `reranker` and `optimizer`; the RNG
     continues where it was (dropout masks as if never interrupted). Returns train()'s state."""
-    json_file, tensor_file = files
-    meta = json.loads(json_file.read_text())
+    json_file = files[0]
+    meta = read_json(json_file, required=True)
+    if not {"config", "tensors", "save_id", "param_groups", "state"} <= meta.keys():
+        raise ValueError(f"{json_file}: not a resume file of this version; delete it to start over")
     if meta["config"] != config:
         raise ValueError(
             f"{json_file} was written with other settings; "
             f"rerun with the same flags or without --resume"
         )
-    tensors, device = load_file(tensor_file), next(reranker.parameters()).device
+    tensor_file = json_file.with_name(meta["tensors"])
+    try:
+        with safe_open(tensor_file, "pt") as f:
+            save_id = (f.metadata() or {}).get("save_id")
+        tensors = load_file(tensor_file)
+    except Exception as e:  # missing, truncated or not safetensors: safetensors' own error types
+        raise ValueError(f"{tensor_file}: unreadable resume state ({e})") from None
+    if save_id != meta["save_id"]:
+        raise ValueError(f"{tensor_file} is not the save {json_file} describes ({save_id})")
+    device = next(reranker.parameters()).device
     part = {
         kind: {k[len(kind) + 1 :]: v for k, v in tensors.items() if k.startswith(kind + ".")}
         for kind in ("module", "best", "optimizer")
@@ -488,7 +515,7 @@ def fit(setting, cfg, tc, examples, name, extra=None):
     folder = out / name if out else None
     if setting.resume and folder and (folder / ADAPTER_CONFIG).exists():
         reranker = load_adapter(folder, llm, setting.tokenizer)
-        saved = json.loads((folder / ADAPTER_CONFIG).read_text())
+        saved = read_json(folder / ADAPTER_CONFIG, required=True)
         same_run = {"seed": tc.seed, **(extra or {})}
         found = {"seed": saved["train"]["seed"], **{k: saved.get(k) for k in extra or {}}}
         # its prompt, cut or shape, or its seed or data, would not be this run's
@@ -518,8 +545,8 @@ def fit(setting, cfg, tc, examples, name, extra=None):
     if folder and process_index() == 0:
         meta = {"train": asdict(tc), "training": record, "qpeft_commit": qpeft_commit()}
         save_adapter(reranker, folder, llm, {**meta, **(extra or {})})
-        for suffix in ("json", "safetensors"):
-            (out / f"{name}.resume.{suffix}").unlink(missing_ok=True)
+        for file in [out / f"{name}.resume.json", *out.glob(f"{name}.resume.step*.safetensors")]:
+            file.unlink(missing_ok=True)
     return reranker, record
 
 
