@@ -37,7 +37,8 @@ class Ranker:
         {docid: text}; each passage's keys/values are computed once for every query that meets it.
         Scores are mean log-probabilities of the query: higher is better."""
         check_texts("queries", queries)
-        check_texts("corpus", corpus, empty_ok=True)
+        if not isinstance(corpus, dict):
+            raise TypeError(f"corpus: a dict {{docid: text}}, not {type(corpus).__name__}")
         if not isinstance(candidates, dict):
             raise TypeError(f"candidates: a dict {{qid: [docid]}}, not {type(candidates).__name__}")
         for qid, docids in candidates.items():
@@ -48,6 +49,7 @@ class Ranker:
             if missing := next((d for d in docids if d not in corpus), None):
                 raise KeyError(f"candidates[{qid!r}]: passage {missing!r} is not in corpus")
         passages = {d: corpus[d] for docs in candidates.values() for d in docs}
+        check_texts("corpus", passages, empty_ok=True)  # the passages used, not a whole corpus
         tokens = tokenize(self.tokenizer, self.reranker.cfg, queries, passages)
         rerankers = {"ranker": self.reranker}
         scores, _ = rerank(

@@ -174,12 +174,12 @@ def main(argv=None):
         other_class, other_name = (
             (Transformer, "SDPA") if packed else (cpu.PackedTransformer, "packed")
         )
-        other = other_class.from_pretrained(model_dir, dtype, device)
+        if args.shape:  # random weights in another shape: the other class gets the same
+            other = random_model(llm.cfg, SHAPES[args.shape], dtype, device, other_class)
+        else:
+            other = other_class.from_pretrained(model_dir, dtype, device)
     if args.shape:
-        cfg, shape = llm.cfg, SHAPES[args.shape]
-        llm = random_model(cfg, shape, dtype, device, type(llm))
-        if other is not None:
-            other = random_model(cfg, shape, dtype, device, type(other))
+        llm = random_model(llm.cfg, SHAPES[args.shape], dtype, device, type(llm))
     cfg = llm.cfg
     # Parameters outside the embedding table and lm_head (named_parameters lists a tied table once).
     tables = ("tok_embeddings.weight", "output.weight")

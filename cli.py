@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -358,6 +358,13 @@ def read_target(args):
     for folder in args.adapter.split(",") if args.adapter else []:
         if not (Path(folder) / ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"--adapter {folder}: no {ADAPTER_CONFIG} there")
+        module = read_json(Path(folder) / ADAPTER_CONFIG).get("qpeft")
+        for key, value in module.items() if isinstance(module, dict) else ():
+            if getattr(args, key, None) not in (None, value):  # a module flag it would override
+                raise ValueError(
+                    f"--{key.replace('_', '-')} {getattr(args, key)}: {folder} was trained with "
+                    f"{key} {value!r}, and an adapter keeps its own module settings; drop the flag"
+                )
         files += [Path(folder) / ADAPTER_CONFIG, Path(folder) / ADAPTER_WEIGHTS]
     return dataset, target, split, requests, files
 
@@ -393,12 +400,6 @@ def adapters(args, llm, tokenizer):
                 f"--adapter: two rows would be called {name!r} ({folder}); rename the folder"
             )
         rerankers[name] = load_adapter(folder, llm, tokenizer, args.any_base_model)
-        for key, value in asdict(rerankers[name].cfg).items():  # what a module flag would change
-            if getattr(args, key, None) not in (None, value):
-                raise ValueError(
-                    f"--{key.replace('_', '-')} {getattr(args, key)}: {folder} was trained with "
-                    f"{key} {value!r}, and an adapter keeps its own module settings; drop the flag"
-                )
         training[name] = read_json(Path(folder) / ADAPTER_CONFIG).get("training")
     configs = [r.cfg for r in rerankers.values()]
     if len({(c.instruction, c.max_passage_tokens, c.max_query_tokens) for c in configs}) > 1:
@@ -430,6 +431,8 @@ def run_command(args, argv):
 
     every_run_query = target is not dataset  # --run, --requests
     first_stage, candidates = first_stage_of(target, split, args.depth, log, every_run_query)
+    if not candidates:
+        raise ValueError(f"{split}: no query has both a text and first-stage candidates to rerank")
     rerankers, adapter_training = adapters(args, llm, tokenizer) if args.adapter else ({}, {})
     if rerankers:  # the longest hint block any adapter can write must fit the model
         top_k = max(r.cfg.top_k for r in rerankers.values())
@@ -498,7 +501,7 @@ def run_command(args, argv):
         runs.update({name: with_tail(scores[name], first_stage) for name in rerankers})
         outputs, table = ir.Outputs(), None
         write_runs(runs, split, requests, out, outputs.add)
-        if any(target.qrels[split].values()):
+        if any(target.qrels[split].get(q) for q in candidates):  # a reranked query is judged
             table = report(
                 target,
                 split,
@@ -624,11 +627,6 @@ def report(target, split, args, metrics, runs, candidates, groups, rerankers, ti
     per-query values go to `save` (the command's Outputs)."""
     qrels, level = target.qrels[split], target.relevance_level(split)
     per_run = {name: evaluate_run(run, qrels, level) for name, run in runs.items()}
-    if not per_run["bm25"]:
-        raise ValueError(
-            f"{split}: none of the {len(runs['bm25'])} reranked queries is judged in the qrels; "
-            f"nothing to evaluate (run without qrels to write the runs only)"
-        )
     for name, values in per_run.items():  # what a table is recomputed from (results/README.md)
         ir.write_per_query(Path(args.out) / f"{name}.{split}.per-query.tsv", values, save)
     per_query = {"bm25": per_run["bm25"]}

@@ -146,10 +146,15 @@ def read_run(path, check=None):
     return run
 
 
+def temporary(path):
+    """The temporary name a file is written under before it is renamed to `path`."""
+    return path.with_name(path.name + f".tmp{os.getpid()}")
+
+
 def atomic_save(write, path):
     """Write a temporary file beside `path`, then rename: no interruption leaves half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -173,7 +178,7 @@ class Outputs:
         staged = []
         try:
             for write, path in self.pending:
-                staged.append((path.with_name(path.name + f".tmp{os.getpid()}"), path))
+                staged.append((temporary(path), path))
                 write(staged[-1][0])
         except BaseException:
             for tmp, _ in staged:
@@ -189,9 +194,10 @@ def atomic_folder(write, folder):
     folder is renamed aside and removed only once the new one is there. A failed write leaves the
     earlier folder untouched; only a crash between the two renames (microseconds) leaves it
     under its aside name, .{name}.old{pid}, nothing lost."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # "." has no name to put beside
     staging, aside = (folder.with_name(f".{folder.name}.{k}{os.getpid()}") for k in ("new", "old"))
-    shutil.rmtree(staging, ignore_errors=True)
+    for stale in (staging, aside):  # left by a crash of a process with the same pid
+        shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         write(staging)

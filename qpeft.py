@@ -21,6 +21,7 @@ are computed only where the query is predicted.
 """
 
 import math
+import numbers
 import random
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -60,8 +61,10 @@ def check_fields(settings, lowest, below=()):
     finite number) and lies in [lowest[name], below[name]) where given. ValueError names it."""
     for f in fields(settings):
         value, name = getattr(settings, f.name), f.name
-        if f.type is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)  # an API caller's lr=1 means 1.0
+        # an API caller's lr=1 means 1.0, and numpy's int64 / float32 are numbers too
+        number = {int: numbers.Integral, float: numbers.Real}.get(f.type)
+        if number and isinstance(value, number) and not isinstance(value, bool):
+            value = f.type(value)
             setattr(settings, name, value)
         if not isinstance(value, f.type) or (f.type is not bool and isinstance(value, bool)):
             raise ValueError(f"{name}: {value!r} is not a{'n' * (f.type is int)} {f.type.__name__}")

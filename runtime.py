@@ -88,6 +88,7 @@ def gather(value):
 
 # ---- The frozen LLM and adapter folders ---------------------------------------------------
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+ADAPTER_FILES = {ADAPTER_WEIGHTS, ADAPTER_CONFIG}
 
 
 def model_fingerprint(folder, samples=8, block=4096):
@@ -129,9 +130,14 @@ def load_llm(model, dtype=None, device="cpu"):
     """The frozen LLM (a name under $QPEFT_HOME/models or a folder) and its tokenizer; llm.name
     and llm.sha256 say which model an adapter trained on it belongs to. On the CPU in float32 the
     model is cpu.PackedTransformer (the same numbers, less work); else model.Transformer."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, dtype)
-    if dtype not in (None, torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype: {dtype!r} is not float32 or bfloat16 (or None: the default)")
+    kinds = {
+        str(k).removeprefix("torch."): k for k in (torch.float32, torch.bfloat16, torch.float16)
+    }
+    dtype = kinds.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype is not None and dtype not in kinds.values():
+        raise ValueError(
+            f"dtype: {dtype!r} is not one of {', '.join(kinds)} (or None: the default)"
+        )
     folder = data.find_asset(model, "models")
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -151,6 +157,12 @@ def save_adapter(reranker, folder, llm, extra):
     among them), the base model's name and fingerprint, and `extra` (training data, dev history).
     Written beside and renamed into place (eval.atomic_folder): a failed save (disk full) leaves
     the earlier adapter as it was."""
+    folder = Path(folder)
+    if folder.is_dir() and (other := {p.name for p in folder.iterdir()} - ADAPTER_FILES):
+        raise ValueError(
+            f"{folder}: holds {sorted(other)[0]!r}, not only an adapter's files; the folder is "
+            f"replaced whole, so save into a new or empty folder"
+        )
     weights = {k: v.contiguous() for k, v in trainable_state(reranker).items()}
     base = {"base_model_name_or_path": llm.name, "base_model_sha256": llm.sha256}
     config = json.dumps({"qpeft": asdict(reranker.cfg), **base, **extra}, indent=1)

@@ -545,7 +545,8 @@ def fit(setting, cfg, tc, examples, name, extra=None):
     if folder and process_index() == 0:
         meta = {"train": asdict(tc), "training": record, "qpeft_commit": qpeft_commit()}
         save_adapter(reranker, folder, llm, {**meta, **(extra or {})})
-        for file in [out / f"{name}.resume.json", *out.glob(f"{name}.resume.step*.safetensors")]:
+        # (and the single tensor file of versions before 282b6ed)
+        for file in [*out.glob(f"{name}.resume.json"), *out.glob(f"{name}.resume*.safetensors")]:
             file.unlink(missing_ok=True)
     return reranker, record
 
