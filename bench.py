@@ -386,7 +386,7 @@ def main(argv=None):
 
     # torch.compile'd blocks (qpeft.py --compile), last: compiling changes the model for good.
     try:
-        llm.compile_blocks()
+        runtime.compile_blocks(llm)
         reset_memory(device)
         compiled = "score zeroshot compiled"
         _, seconds = timed(lambda: score("zeroshot", zeroshot, compiled), args.repeats, device)

@@ -27,6 +27,7 @@ from runtime import (
     ADAPTER_WEIGHTS,
     check_finite,
     check_positions,
+    compile_blocks,
     load_adapter,
     load_llm,
     process_count,
@@ -491,7 +492,7 @@ def run_command(args, argv):
                     metrics.setdefault(name, {})["training"] = training
             groups[method] = list(runs)
     if args.compile:  # after training: compiling the backward graphs would cost more than it saves
-        llm.compile_blocks()
+        compile_blocks(llm)
     scores, timing = rerank_everywhere(
         llm, template, rerankers, candidates, tokens, args.token_budget, f"rerank {split}"
     )

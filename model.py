@@ -1,6 +1,8 @@
-"""A decoder-only Llama in plain PyTorch, loaded straight from Hugging Face safetensors:
+"""A Llama-style decoder in plain PyTorch, loaded straight from Hugging Face safetensors:
 RMSNorm, rotate-half RoPE (with the llama3 frequency rule), grouped-query attention, SwiGLU MLP.
-Enough to score with SmolLM2, TinyLlama and Llama-2/3 (model_type "llama"); no generation.
+Four families ("model_type") share it and differ only inside the attention block: "llama"
+(SmolLM2, TinyLlama, Llama 2/3), "mistral" (the same block), "qwen2" (biases on the q/k/v
+projections) and "qwen3" (an RMSNorm on each head's queries and keys). No generation.
 
   load(folder)                    -> the frozen model and its tokenizer (tokenizer.py)
   model(ids)                      -> float32 logits (B, T, vocab): the plain API
@@ -9,8 +11,8 @@ Enough to score with SmolLM2, TinyLlama and Llama-2/3 (model_type "llama"); no g
                                      reuses a passage's keys/values for many queries)
 
 Credits: the layout follows Meta's Llama reference and HF transformers' LlamaForCausalLM
-(rotate-half RoPE so q_proj/k_proj load without permutation); the structure borrows from nanoGPT
-and gpt-fast.
+(rotate-half RoPE so q_proj/k_proj load without permutation) and its Mistral, Qwen2 and Qwen3
+variants; the structure borrows from nanoGPT and gpt-fast.
 """
 
 import math
@@ -25,6 +27,8 @@ from safetensors.torch import load_file
 
 from eval import read_json
 from tokenizer import Tokenizer
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # config.json "model_type"
 
 
 @dataclass
@@ -41,13 +45,18 @@ class LlamaConfig:
     rope_scaling: dict | None = None  # None or {"rope_type": "llama3", ...}
     tie_embeddings: bool = False  # tie_word_embeddings: lm_head shares the input embedding table
     max_positions: int | None = None  # max_position_embeddings: longer sequences are an error
+    qkv_bias: bool = False  # qwen2
+    qk_norm: bool = False  # qwen3
+    # mistral v0.1 (and qwen2 with use_sliding_window): a query sees only this many positions
+    # back; sequences longer than that are an error, so attention is always full
+    sliding_window: int | None = None
 
     @classmethod
     def from_json(cls, path):
         c = read_json(path, required=True)
-        if c.get("model_type") != "llama":
-            what = f"model_type {c.get('model_type')!r}"
-            raise ValueError(f"{path}: {what} is not supported (only 'llama')")
+        family = c.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"{path}: model_type {family!r} is not supported ({FAMILIES})")
         # transformers 5 writes RoPE settings as "rope_parameters" {"rope_theta", "rope_type", ...};
         # older configs (and the Hub's) as top-level "rope_theta" + "rope_scaling". Read both.
         rope = c.get("rope_parameters") or {}
@@ -56,20 +65,20 @@ class LlamaConfig:
         scaling = c.get("rope_scaling") or (None if default else rope)
         kind = scaling and scaling.get("rope_type", scaling.get("type"))
         if scaling is not None and kind != "llama3":
-            what = f"rope_scaling type {kind!r}"
-            raise ValueError(f"{path}: {what} is not supported (only null or 'llama3')")
+            raise ValueError(f"{path}: rope_scaling type {kind!r} is not supported (only llama3)")
         llama3 = "factor low_freq_factor high_freq_factor original_max_position_embeddings"
         if scaling is not None and (missing := [k for k in llama3.split() if k not in scaling]):
             raise ValueError(f"{path}: the llama3 rope scaling lacks '{missing[0]}'")
         if c.get("hidden_act", "silu") != "silu":
-            what = f"hidden_act {c['hidden_act']!r}"
-            raise ValueError(f"{path}: {what} is not supported (only 'silu', SwiGLU)")
-        for flag in ("attention_bias", "mlp_bias"):
+            raise ValueError(f"{path}: hidden_act {c['hidden_act']!r} is not supported (only silu)")
+        for flag in ("attention_bias", "mlp_bias"):  # qwen2's q/k/v biases come without a flag
             if c.get(flag):
                 raise ValueError(f"{path}: {flag}=true is not supported")
         required = "hidden_size num_hidden_layers num_attention_heads intermediate_size vocab_size"
         if missing := [key for key in required.split() if key not in c]:
             raise ValueError(f"{path}: required key '{missing[0]}' is missing")
+        sliding = "sliding_attention" in (c.get("layer_types") or [])  # transformers 5's marking
+        windowed = family == "mistral" or c.get("use_sliding_window") or sliding
         heads = c["num_attention_heads"]
         return cls(
             dim=c["hidden_size"],
@@ -84,6 +93,9 @@ class LlamaConfig:
             rope_scaling=scaling,
             tie_embeddings=c.get("tie_word_embeddings", False),
             max_positions=c.get("max_position_embeddings"),
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
+            sliding_window=c.get("sliding_window") if windowed else None,
         )
 
 
@@ -127,17 +139,23 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        bias = cfg.qkv_bias  # qwen2: biases on the q/k/v projections
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:  # qwen3: each head's queries and keys are RMS-normalised before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def project(self, x, cos, sin):
         """Queries (..., H, hd), keys and values (..., Hkv, hd) of x (..., D), RoPE applied."""
         lead, H, Hkv, hd = x.shape[:-1], self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rope(self.wq(x).view(*lead, H, hd), cos, sin)  # (..., H, hd)
-        k = apply_rope(self.wk(x).view(*lead, Hkv, hd), cos, sin)  # (..., Hkv, hd)
-        return q, k, self.wv(x).view(*lead, Hkv, hd)
+        q = self.wq(x).view(*lead, H, hd)  # (..., H, hd)
+        k = self.wk(x).view(*lead, Hkv, hd)  # (..., Hkv, hd)
+        if hasattr(self, "q_norm"):  # qwen3
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), self.wv(x).view(*lead, Hkv, hd)
 
     def forward(self, x, cos, sin, mask, past_kv):
         """x (B, T, D); mask (B or 1, 1, T, S) booleans, True where a query may see a key."""
@@ -177,21 +195,16 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), kv  # (B, T, D)
 
 
-# HF tensor names -> ours; "{}" is the layer number.
-HF_TO_OURS = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w_gate.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w_up.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w_down.weight",
-}
+# Our module names -> HF's, part by part ("layers.0.attention.wq.weight" ->
+# "model.layers.0.self_attn.q_proj.weight"); parts not listed (mlp, q_norm, weight, bias) are HF's.
+OURS_TO_HF = dict(tok_embeddings="model.embed_tokens", layers="model.layers", norm="model.norm")
+OURS_TO_HF.update(output="lm_head", attention="self_attn", attention_norm="input_layernorm")
+OURS_TO_HF.update(mlp_norm="post_attention_layernorm", wq="q_proj", wk="k_proj", wv="v_proj")
+OURS_TO_HF.update(wo="o_proj", w_gate="gate_proj", w_up="up_proj", w_down="down_proj")
+
+
+def hf_name(ours):
+    return ".".join(OURS_TO_HF.get(part, part) for part in ours.split("."))
 
 
 def read_safetensors(folder):
@@ -254,7 +267,11 @@ class Transformer(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def allowed(self, T, past, past_mask):
-        """(B or 1, T, S) booleans: True where one of the T new positions may see a key."""
+        """(B or 1, T, S) booleans: True where one of the T new positions may see a key. Always
+        all earlier positions: a sequence longer than a sliding window is an error."""
+        S, window = T + (past[0][0].shape[2] if past else 0), self.cfg.sliding_window
+        if window is not None and S > window:
+            raise ValueError(f"a sequence of {S} positions is longer than sliding_window {window}")
         dev = self.inv_freq.device
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]  # (1, T, T)
         if past is None:
@@ -264,14 +281,6 @@ class Transformer(nn.Module):
         else:
             seen = past_mask[:, None, :].expand(-1, T, -1)  # (B, T, S_past)
         return torch.cat([seen, causal.expand(len(seen), -1, -1)], dim=-1)  # (B or 1, T, S)
-
-    def compile_blocks(self):
-        """torch.compile every block, dynamic shapes: one graph serves all batch sizes, lengths and
-        blocks (weights are inputs). Inductor fuses the elementwise work around the matmuls into
-        a few C++ loops; needs a C++ compiler and time to compile, so it is off unless asked for."""
-        for layer in self.layers:
-            layer.compile(dynamic=True)
-        return self
 
     def logits(self, h):
         """float32 logits of hidden states h (..., D): call it only where logits are needed."""
@@ -290,20 +299,20 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         expected = {name: p.shape for name, p in model.state_dict().items()}
-        layers = range(cfg.n_layers)  # every HF tensor name this config has -> ours:
-        names = {hf.format(i): ours.format(i) for hf, ours in HF_TO_OURS.items() for i in layers}
+        names = {hf_name(ours): ours for ours in expected}  # every tensor this config has
         state = {}
-        for hf_name, tensor in read_safetensors(path).items():
-            if hf_name not in names:
-                template = re.sub(r"\.\d+\.", ".{}.", hf_name, count=1)  # known, layer too high?
-                why = f" (the config has {cfg.n_layers} layers)" if template in HF_TO_OURS else ""
-                raise ValueError(f"{path}: unexpected tensor '{hf_name}'{why}")
-            if hf_name == "lm_head.weight" and cfg.tie_embeddings:
+        for stored, tensor in read_safetensors(path).items():
+            if stored not in names:
+                layer = re.search(r"\.(\d+)\.", stored)  # a known tensor, layer too high?
+                deep = layer and int(layer[1]) >= cfg.n_layers
+                why = f" (the config has {cfg.n_layers} layers)" if deep else ""
+                raise ValueError(f"{path}: unexpected tensor '{stored}'{why}")
+            if stored == "lm_head.weight" and cfg.tie_embeddings:
                 continue  # some tied checkpoints store a copy; the embedding table is the one used
-            name = names[hf_name]
+            name = names[stored]
             if tensor.shape != expected[name]:
                 raise ValueError(
-                    f"{path}: tensor '{hf_name}' has shape {tuple(tensor.shape)}, "
+                    f"{path}: tensor '{stored}' has shape {tuple(tensor.shape)}, "
                     f"config.json implies {tuple(expected[name])}"
                 )
             state[name] = tensor.to(device=device, dtype=dtype)
@@ -311,9 +320,8 @@ class Transformer(nn.Module):
             state["output.weight"] = state["tok_embeddings.weight"]  # tied: one table, both names
         tied = {"output.weight"} if cfg.tie_embeddings else set()
         if missing := sorted(set(expected) - set(state) - tied):
-            hf = next(hf for hf, ours in names.items() if ours == missing[0])
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise ValueError(f"{path}: missing tensor '{hf}'{more}")
+            raise ValueError(f"{path}: missing tensor '{hf_name(missing[0])}'{more}")
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie_embeddings:  # assign=True replaced the shared Parameter
             model.output.weight = model.tok_embeddings.weight

@@ -94,6 +94,9 @@ class Template:
         self.hints_close = tokenizer.encode("\n")
         self.question = tokenizer.encode("Question: \n")
         self.eos = tokenizer.eos_id
+        pieces = [self.passage_open, self.passage_close, self.hints_open, self.hints_close]
+        if not all([self.prompt, *pieces, self.question]):  # e.g. a normalizer that drops "\n"
+            raise ValueError(f"the tokenizer encodes a template piece to no tokens: {pieces}")
 
     @property
     def head(self):

@@ -151,6 +151,16 @@ def load_llm(model, dtype=None, device="cpu"):
     return llm, tokenizer
 
 
+def compile_blocks(llm):
+    """torch.compile every block of the LLM, dynamic shapes: one graph serves all batch sizes,
+    lengths and blocks (weights are inputs). Inductor fuses the elementwise work around the
+    matmuls into a few C++ loops; needs a C++ compiler and time to compile, so it is off unless
+    asked for."""
+    for layer in llm.layers:
+        layer.compile(dynamic=True)
+    return llm
+
+
 def save_adapter(reranker, folder, llm, extra):
     """A peft-style adapter folder: the trainable parameters only (never the frozen LLM) in
     adapter_model.safetensors, and adapter_config.json with every QPEFTConfig field (the method

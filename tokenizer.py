@@ -1,5 +1,5 @@
-"""Tokenizers: byte-level BPE read from a Hugging Face tokenizer.json (SmolLM2, Llama-3, GPT-2
-families), or a sentencepiece tokenizer.model (Llama-1/2, TinyLlama, Mistral).
+"""Tokenizers: byte-level BPE read from a Hugging Face tokenizer.json (SmolLM2, Llama-3, GPT-2,
+Qwen2/2.5/3 families), or a sentencepiece tokenizer.model (Llama-1/2, TinyLlama, Mistral).
 
 The byte-level scheme is GPT-2's (Radford et al. 2019, openai/gpt-2 encoder.py): text -> UTF-8
 bytes -> one printable unicode char per byte, split into "words" by a regex, and each word
@@ -8,6 +8,7 @@ The pre-tokenizer and decoder rules follow HF `tokenizers` so that ids match it 
 """
 
 import heapq
+import unicodedata
 from pathlib import Path
 
 import regex  # stdlib `re` has no \p{L} / \p{N} classes, which the GPT-2 pattern needs
@@ -125,7 +126,8 @@ class Tokenizer:
         model = spec.get("model", {})
         if model.get("type") != "BPE":
             raise unsupported(f"model type {model.get('type')!r}")
-        if spec.get("normalizer") is not None:  # byte-level models leave the text untouched
+        # byte-level models leave the text untouched, except Qwen's, which compose it first (NFC)
+        if spec.get("normalizer") not in (None, {"type": "NFC"}):
             raise unsupported(f"normalizer {spec['normalizer']}")
         if (spec.get("decoder") or {}).get("type") != "ByteLevel":
             raise unsupported(f"decoder {spec.get('decoder')}")
@@ -148,6 +150,7 @@ class Tokenizer:
         add_bos = tok_config.get("add_bos_token", _template_adds_bos(spec.get("post_processor")))
         tok = cls(special_id("bos"), special_id("eos"), bool(add_bos), max(token_ids.values()) + 1)
         tok.steps, tok.vocab, tok.ignore_merges = steps, vocab, model.get("ignore_merges", False)
+        tok.nfc = spec.get("normalizer") is not None
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         # lower rank = learned earlier = merged first
         tok.ranks = {pair: rank for rank, pair in enumerate(merges)}
@@ -171,7 +174,7 @@ class Tokenizer:
         if self.sp is not None:
             # sentencepiece only matches user-defined symbols, not <s>/</s>
             return self.sp.encode(text)
-        pieces = [text]
+        pieces = [unicodedata.normalize("NFC", text) if self.nfc else text]
         for step in self.steps:
             pieces = [p for piece in pieces for p in step(piece)]
         ids = []

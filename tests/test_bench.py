@@ -8,7 +8,7 @@ import json
 import pytest
 
 import bench
-import model
+import runtime
 from test_qpeft import write_beir, write_tiny_llama
 
 
@@ -24,10 +24,10 @@ def test_bench_runs_to_its_table(tiny_dir, tmp_path, monkeypatch, capsys):
         bench, "matmul_peak", lambda dtype, device: real_peak(dtype, device, (256,), 1e8)
     )
 
-    def no_compiler(self):  # compiling takes minutes; bench.py reports it and goes on
+    def no_compiler(llm):  # compiling takes minutes; bench.py reports it and goes on
         raise RuntimeError("no compiler in this test")
 
-    monkeypatch.setattr(model.Transformer, "compile_blocks", no_compiler)
+    monkeypatch.setattr(runtime, "compile_blocks", no_compiler)
     argv = ["--model", str(tiny_dir), "--data", str(data_dir), "--dtype", "float32"]
     bench.main(argv + ["--queries", "2", "--depth", "2", "--train-steps", "1", "--repeats", "1"])
     out = capsys.readouterr().out

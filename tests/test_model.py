@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import cpu
 from conftest import FIXTURES, smollm2_dir
 from model import LlamaConfig, Transformer, load, rope_frequencies
+from runtime import compile_blocks
 
 TINY = FIXTURES / "llama" / "tiny_random"
 TINY_LLAMA3 = FIXTURES / "llama" / "tiny_random_llama3"
@@ -135,7 +137,7 @@ def test_compiled_blocks_match_eager_on_the_fixture():
     x = model.tok_embeddings(ids)
     _, past = model.hidden(x[:, :5], positions[:, :5])
     eager, _ = model.hidden(x[:, 5:], positions[:, 5:], past=past, past_mask=real[:, :5])
-    model.compile_blocks()
+    compile_blocks(model)
     assert (model(ids) - ref["logits"])[real].abs().max() <= 1e-4  # the one-pass graph
     # the cached-prefix graph
     compiled, _ = model.hidden(x[:, 5:], positions[:, 5:], past=past, past_mask=real[:, :5])
@@ -155,6 +157,89 @@ def test_smollm2_fp32_matches_transformers_and_bf16_agrees_on_argmax():
             assert (logprobs - ref[f"next_token_logprobs.{i}"]).abs().max() <= tolerance
             assert (logits[-1] - ref[f"last_logits.{i}"]).abs().max() <= tolerance
             assert logits[-1].argmax() == ref[f"last_logits.{i}"].argmax()
+
+
+# ---- the other families: Mistral, Qwen2, Qwen3 ---------------------------------------------
+FAMILIES = Path(__file__).parent / "fixtures" / "families"  # tests/fixtures/make_families.py
+FAMILY_NAMES = ["mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("model_class", [Transformer, cpu.PackedTransformer])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_logits_match_transformers(family, model_class):
+    """Tiny random models that transformers wrote (config.json and model.safetensors as the Hub
+    has them), on a right-padded batch: float32 logits within 1e-4 of transformers' eager ones."""
+    model = model_class.from_pretrained(FAMILIES / family)
+    ref = load_file(FAMILIES / f"{family}_ref.safetensors")
+    real = ref["attention_mask"].bool()  # (B, T): right padding
+    assert (model(ref["input_ids"]) - ref["logits"])[real].abs().max() <= 1e-4
+
+
+def test_each_family_reads_its_own_pieces():
+    """What the config implies, by hand: qwen2 has q/k/v biases, qwen3 a q/k norm of head_dim 32
+    (not hidden / heads = 16), mistral a sliding window, qwen2 tied embeddings."""
+    mistral, qwen2, qwen3 = (Transformer.from_pretrained(FAMILIES / f) for f in FAMILY_NAMES)
+    assert mistral.cfg.sliding_window == 32 and qwen2.cfg.sliding_window is None
+    assert qwen2.layers[0].attention.wk.bias.shape == (2 * 16,)
+    assert mistral.layers[0].attention.wk.bias is None and qwen3.layers[0].attention.wq.bias is None
+    assert qwen3.layers[0].attention.q_norm.weight.shape == (32,) and qwen3.cfg.head_dim == 32
+    assert not hasattr(qwen2.layers[0].attention, "q_norm")
+    assert qwen2.output.weight is qwen2.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("model_class", [Transformer, cpu.PackedTransformer])
+def test_a_sequence_longer_than_the_sliding_window_is_refused(model_class):
+    """Mistral's window (32 here) would change attention past it; model.py always attends to all
+    earlier positions, so it refuses rather than differ: 32 positions run, 33 do not, counting a
+    cached prefix too."""
+    model = model_class.from_pretrained(FAMILIES / "mistral")
+    model(torch.ones(1, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="33 positions is longer than sliding_window 32"):
+        model(torch.ones(1, 33, dtype=torch.long))
+    x = model.tok_embeddings(torch.ones(1, 33, dtype=torch.long))  # (1, 33, D)
+    positions = torch.arange(33)[None]
+    _, past = model.hidden(x[:, :20], positions[:, :20])
+    with pytest.raises(ValueError, match="sliding_window 32"):
+        model.hidden(x[:, 20:], positions[:, 20:], past=past)
+
+
+@pytest.mark.parametrize(
+    "family, changes, message",
+    [
+        ("qwen3", {"attention_bias": True}, "attention_bias=true is not supported"),
+        ("qwen2", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ("mistral", {"rope_scaling": {"rope_type": "yarn"}}, "rope_scaling type 'yarn'"),
+        ("qwen2", {"model_type": "qwen2_moe"}, "model_type 'qwen2_moe' is not supported"),
+        # a Llama config over Qwen2 weights: the biases are named, not dropped
+        (
+            "qwen2",
+            {"model_type": "llama"},
+            "unexpected tensor 'model.layers.0.self_attn.k_proj.bias'",
+        ),
+        ("qwen3", {"model_type": "qwen2"}, "unexpected tensor 'model.layers.0.self_attn.k_norm"),
+        ("mistral", {"model_type": "qwen3"}, "missing tensor 'model.layers.0.self_attn.k_norm"),
+    ],
+)
+def test_family_settings_it_cannot_compute_are_refused_by_name(tmp_path, family, changes, message):
+    folder = tmp_path / family
+    shutil.copytree(FAMILIES / family, folder)
+    edit_config(folder, **changes)
+    with pytest.raises(ValueError, match=message):
+        Transformer.from_pretrained(folder)
+
+
+def test_qwen_configs_window_only_where_they_say_so(tmp_path):
+    """Qwen2/3 configs window only where use_sliding_window (or transformers 5's layer_types)
+    says so; their sliding_window key alone means nothing."""
+    config = json.loads((FAMILIES / "qwen2" / "config.json").read_text())
+    layer_types = ["full_attention", "sliding_attention"]
+    for extra, window in [
+        ({}, None),
+        ({"use_sliding_window": True}, 64),
+        ({"layer_types": layer_types}, 64),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 64, **extra}))
+        assert LlamaConfig.from_json(tmp_path / "config.json").sliding_window == window
 
 
 # ---- bad inputs: one clear error naming the file or tensor -------------------------------------
@@ -226,8 +311,8 @@ def test_sharded_checkpoint_loads(tiny_copy):
 
 
 def test_unsupported_model_type_or_rope(tiny_copy):
-    edit_config(tiny_copy, model_type="mistral")
-    with pytest.raises(ValueError, match="config.json: model_type 'mistral' is not supported"):
+    edit_config(tiny_copy, model_type="gemma")
+    with pytest.raises(ValueError, match="config.json: model_type 'gemma' is not supported"):
         Transformer.from_pretrained(tiny_copy)
     edit_config(tiny_copy, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):

@@ -2,6 +2,7 @@
 sentencepiece against sentencepiece itself, and the error messages."""
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,34 @@ def test_sentencepiece_matches_sentencepiece(tmp_path, model_type):
         assert ids == sp.encode(text) and tok.decode(ids) == text
     assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == (1, 2, True, 120)
     assert not {1, 2} & set(tok.encode("<s>the</s>"))  # control strings in text stay text here too
+
+
+QWEN = Path(__file__).parent / "fixtures" / "families"  # tests/fixtures/make_families.py
+
+
+def test_qwen_style_tokenizer_matches_hf_ids(tmp_path):
+    """A tokenizer.json built as Qwen2/2.5/3 build theirs (NFC normalizer, Qwen's split regex,
+    byte-level BPE without the GPT-2 regex): HF tokenizers' ids for the 90 edge cases, decoded
+    back to their NFC form (texts with a special-token string aside, as for SmolLM2). The real
+    Qwen files are not on these machines; their rules are."""
+    if not FIXTURE.exists():
+        pytest.skip(f"needs {FIXTURE}")
+    (tmp_path / "tokenizer.json").write_bytes((QWEN / "qwen_tokenizer.json").read_bytes())
+    tok = Tokenizer.from_pretrained(tmp_path)
+    texts = [json.loads(line)["text"] for line in FIXTURE.read_text(encoding="utf-8").splitlines()]
+    expected = [json.loads(line) for line in (QWEN / "qwen_tokenizer_ids.jsonl").open()]
+    assert len(expected) == 90
+    spec = json.loads((QWEN / "qwen_tokenizer.json").read_text(encoding="utf-8"))
+    specials = [t["content"] for t in spec["added_tokens"]]  # HF maps them in text; we do not
+    composed = 0
+    for row in expected:
+        text = texts[row["line"]]
+        if any(special in text for special in specials):
+            continue
+        assert tok.encode(text) == row["ids"], text
+        assert tok.decode(row["ids"]) == unicodedata.normalize("NFC", text)
+        composed += unicodedata.normalize("NFC", text) != text
+    assert composed > 0  # some texts have decomposed accents: the normalizer is exercised
 
 
 # --- errors -------------------------------------------------------------------------------------
