@@ -47,8 +47,8 @@ class LlamaConfig:
     max_positions: int | None = None  # max_position_embeddings: longer sequences are an error
     qkv_bias: bool = False  # qwen2
     qk_norm: bool = False  # qwen3
-    # mistral v0.1 (and qwen2 with use_sliding_window): a query sees only this many positions
-    # back; sequences longer than that are an error, so attention is always full
+    # mistral (and qwen2/3 with use_sliding_window): a query sees only this many positions back;
+    # sequences longer than that are an error, so attention here is always full
     sliding_window: int | None = None
 
     @classmethod
@@ -77,8 +77,11 @@ class LlamaConfig:
         required = "hidden_size num_hidden_layers num_attention_heads intermediate_size vocab_size"
         if missing := [key for key in required.split() if key not in c]:
             raise ValueError(f"{path}: required key '{missing[0]}' is missing")
-        sliding = "sliding_attention" in (c.get("layer_types") or [])  # transformers 5's marking
-        windowed = family == "mistral" or c.get("use_sliding_window") or sliding
+        window = c.get("sliding_window", 4096) if family == "mistral" else None  # HF's default
+        if c.get("use_sliding_window"):  # qwen: as transformers, layers from max_window_layers on
+            late = c["num_hidden_layers"] > c.get("max_window_layers", 28)
+            types = c.get("layer_types") or ["sliding_attention"] * late
+            window = c.get("sliding_window") if "sliding_attention" in types else None
         heads = c["num_attention_heads"]
         return cls(
             dim=c["hidden_size"],
@@ -95,7 +98,7 @@ class LlamaConfig:
             max_positions=c.get("max_position_embeddings"),
             qkv_bias=family == "qwen2",
             qk_norm=family == "qwen3",
-            sliding_window=c.get("sliding_window") if windowed else None,
+            sliding_window=window,
         )
 
 
@@ -307,14 +310,14 @@ class Transformer(nn.Module):
                 deep = layer and int(layer[1]) >= cfg.n_layers
                 why = f" (the config has {cfg.n_layers} layers)" if deep else ""
                 raise ValueError(f"{path}: unexpected tensor '{stored}'{why}")
-            if stored == "lm_head.weight" and cfg.tie_embeddings:
-                continue  # some tied checkpoints store a copy; the embedding table is the one used
             name = names[stored]
             if tensor.shape != expected[name]:
                 raise ValueError(
                     f"{path}: tensor '{stored}' has shape {tuple(tensor.shape)}, "
                     f"config.json implies {tuple(expected[name])}"
                 )
+            if stored == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # some tied checkpoints store a copy; the embedding table is the one used
             state[name] = tensor.to(device=device, dtype=dtype)
         if cfg.tie_embeddings and "tok_embeddings.weight" in state:
             state["output.weight"] = state["tok_embeddings.weight"]  # tied: one table, both names

@@ -94,9 +94,9 @@ class Template:
         self.hints_close = tokenizer.encode("\n")
         self.question = tokenizer.encode("Question: \n")
         self.eos = tokenizer.eos_id
-        pieces = [self.passage_open, self.passage_close, self.hints_open, self.hints_close]
-        if not all([self.prompt, *pieces, self.question]):  # e.g. a normalizer that drops "\n"
-            raise ValueError(f"the tokenizer encodes a template piece to no tokens: {pieces}")
+        texts = [instruction, "\nPassage:", " \n", "hints: ", "\n", "Question: \n"]
+        if empty := [text for text in texts if not tokenizer.encode(text)]:  # "\n" normalised away?
+            raise ValueError(f"the tokenizer encodes the template piece {empty[0]!r} to no tokens")
 
     @property
     def head(self):

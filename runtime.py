@@ -346,15 +346,20 @@ def cut_to(ids, limit, what="", log=None, counts=None):
 
 
 def check_positions(llm, template, tokens, cfg):
-    """The longest sequence any pair can make must fit the model's max_position_embeddings."""
-    if llm.cfg.max_positions is None or not tokens.queries:
+    """The longest sequence any pair can make (its longest passage's prefix and longest query's
+    suffix: no padded batch is longer) must fit the model's max_position_embeddings and its
+    sliding window (model.py refuses longer sequences rather than attend differently)."""
+    limits = {"positions": llm.cfg.max_positions, "sliding_window": llm.cfg.sliding_window}
+    limits = {k: v for k, v in limits.items() if v is not None}
+    if not limits or not tokens.queries:
         return
+    kind, limit = min(limits.items(), key=lambda item: item[1])
     qid, query = max(tokens.queries.items(), key=lambda item: len(item[1]))
     hints = len(template.hints_open) + len(template.hints_close) + max(len(query), cfg.top_k)
     passage = max(tokens.passages.values(), key=len, default=[])
     longest = len(template.prefix(passage)) + hints + len(template.question) + len(query) + 1  # eos
-    if longest > llm.cfg.max_positions:
+    if longest > limit:
         raise ValueError(
             f"query {qid!r}: its longest sequence has {longest} tokens, more than the model's "
-            f"{llm.cfg.max_positions} positions (lower --max-query-tokens or --max-passage-tokens)"
+            f"{limit} {kind} (lower --max-query-tokens or --max-passage-tokens)"
         )

@@ -168,9 +168,11 @@ class Tokenizer:
         return tok
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, no BOS/EOS. Special-token strings in `text` (e.g. "<|im_end|>") are NOT
-        mapped to their special ids (HF does that): text from a web passage must not be able to
-        close the prompt's turn or inject control tokens. Here they are just characters."""
+        """Text -> ids, no BOS/EOS. Added-token strings in `text`, special or not ("<|im_end|>",
+        Qwen's "<tool_call>") are NOT mapped to their ids (HF does that): text from a web passage
+        must not be able to close the prompt's turn or inject control tokens. Here they are just
+        characters. NFC uses Python's Unicode tables, which may be newer than HF's: combining marks
+        added since can compose differently (rare)."""
         if self.sp is not None:
             # sentencepiece only matches user-defined symbols, not <s>/</s>
             return self.sp.encode(text)

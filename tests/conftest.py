@@ -9,6 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures"
+# tiny random Mistral, Qwen2 and Qwen3 models (and a Qwen-style tokenizer) that transformers
+# wrote: tests/fixtures/make_families.py
+FAMILIES = ROOT / "tests" / "fixtures" / "families"
 sys.path.insert(0, str(ROOT))
 
 

@@ -127,6 +127,14 @@ CASES = [
         "positions (lower --max-query-tokens or --max-passage-tokens)",
     ),
     (
+        "a query too long for a Mistral's sliding window (checked before any work)",
+        lambda d, m, t: [
+            "--model",
+            str(model_copy(m, t, lambda c: c.update(model_type="mistral", sliding_window=40))),
+        ],
+        "more than the model's 40 sliding_window (lower --max-query-tokens",
+    ),
+    (
         "an adapter config with an unknown field",
         lambda d, m, t: adapter_with(t, m, d, lambda c: c["qpeft"].update(colour="red")),
         "adapter_config.json: not an adapter config (TypeError",

@@ -2,14 +2,13 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import cpu
-from conftest import FIXTURES, smollm2_dir
+from conftest import FAMILIES, FIXTURES, smollm2_dir
 from model import LlamaConfig, Transformer, load, rope_frequencies
 from runtime import compile_blocks
 
@@ -160,7 +159,6 @@ def test_smollm2_fp32_matches_transformers_and_bf16_agrees_on_argmax():
 
 
 # ---- the other families: Mistral, Qwen2, Qwen3 ---------------------------------------------
-FAMILIES = Path(__file__).parent / "fixtures" / "families"  # tests/fixtures/make_families.py
 FAMILY_NAMES = ["mistral", "qwen2", "qwen3"]
 
 
@@ -228,18 +226,45 @@ def test_family_settings_it_cannot_compute_are_refused_by_name(tmp_path, family,
         Transformer.from_pretrained(folder)
 
 
-def test_qwen_configs_window_only_where_they_say_so(tmp_path):
-    """Qwen2/3 configs window only where use_sliding_window (or transformers 5's layer_types)
-    says so; their sliding_window key alone means nothing."""
-    config = json.loads((FAMILIES / "qwen2" / "config.json").read_text())
-    layer_types = ["full_attention", "sliding_attention"]
-    for extra, window in [
-        ({}, None),
-        ({"use_sliding_window": True}, 64),
-        ({"layer_types": layer_types}, 64),
-    ]:
-        (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 64, **extra}))
-        assert LlamaConfig.from_json(tmp_path / "config.json").sliding_window == window
+@pytest.mark.parametrize(
+    "family, changes, window",
+    [
+        ("mistral", {}, 32),
+        ("mistral", {"sliding_window": None}, None),  # v0.2 and later
+        ("mistral", {"sliding_window": "absent"}, 4096),  # transformers' default
+        ("qwen2", {"sliding_window": 64}, None),  # the key alone means nothing
+        ("qwen2", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1}, 64),
+        ("qwen3", {"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 2}, None),
+        (
+            "qwen2",
+            {
+                "sliding_window": 64,
+                "use_sliding_window": True,
+                "max_window_layers": 2,
+                "layer_types": ["full_attention", "sliding_attention"],
+            },
+            64,
+        ),
+    ],
+)
+def test_sliding_window_where_transformers_applies_one(tmp_path, family, changes, window):
+    """Mistral windows every layer (4,096 when the key is absent); Qwen2/3 window only with
+    use_sliding_window, the layers from max_window_layers on (or as layer_types lists them): no
+    windowed layer, no window."""
+    config = json.loads((FAMILIES / family / "config.json").read_text())
+    config.pop("layer_types", None)  # what transformers 5 derived from the fixture's settings
+    config = {k: v for k, v in {**config, **changes}.items() if v != "absent"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert LlamaConfig.from_json(tmp_path / "config.json").sliding_window == window
+
+
+def test_a_tied_checkpoints_stored_head_is_shape_checked(tmp_path):
+    folder = tmp_path / "qwen2"
+    shutil.copytree(FAMILIES / "qwen2", folder)  # tied
+    tensors = load_file(folder / "model.safetensors")
+    save_file({**tensors, "lm_head.weight": torch.ones(3, 7)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'lm_head.weight' has shape \(3, 7\)"):
+        Transformer.from_pretrained(folder)
 
 
 # ---- bad inputs: one clear error naming the file or tensor -------------------------------------

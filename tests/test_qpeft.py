@@ -25,7 +25,7 @@ import eval as ir
 import qpeft
 import runtime
 import train
-from conftest import SHARED, smollm2_dir
+from conftest import FAMILIES, SHARED, smollm2_dir
 from data import TrainExample
 from model import load
 from qpeft import (
@@ -226,6 +226,16 @@ def top_k(reranker, llm, query, passage, k):
     plain = qpeft.top_k_tokens(reranker, llm, query, passage, k)
     assert ids[0, : counts[0]].tolist() == plain
     return plain
+
+
+def test_a_tokenizer_that_drops_a_template_piece_is_refused():
+    """sentencepiece's default normaliser turns "\n" into nothing: the template would lose its
+    line breaks without a word, so Template names the piece instead."""
+    tokenizer = SimpleNamespace(
+        encode=lambda text: [ord(c) for c in text if c != "\n"], bos_id=1, eos_id=2, add_bos=True
+    )
+    with pytest.raises(ValueError, match=r"template piece '\\n' to no tokens"):
+        Template(tokenizer, INSTRUCTION)
 
 
 def test_select_top_k_by_hand():
@@ -1103,9 +1113,6 @@ def test_train_adapter_then_load_ranker(tiny_dir, tmp_path):
     assert loaded.score(QUERIES[0], passages) == ranker.score(QUERIES[0], passages)
     with pytest.raises(TypeError, match="unknown setting 'stpes'"):
         api.train_adapter("qpeft-r", data=str(data_dir), model=tiny_dir, device="cpu", stpes=2)
-
-
-FAMILIES = Path(__file__).parent / "fixtures" / "families"  # tests/fixtures/make_families.py
 
 
 def family_model(folder, family):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import sentencepiece
 
+from conftest import FAMILIES as QWEN
 from tokenizer import Tokenizer, bytes_to_unicode
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -82,12 +83,12 @@ LLAMA3_SPLIT = (
 )
 
 
-def write_mini(folder, pre_tokenizer=BYTE_LEVEL, merges=MERGES, model_type="BPE"):
+def write_mini(folder, pre_tokenizer=BYTE_LEVEL, merges=MERGES, model_type="BPE", normalizer=None):
     vocab = {c: i for i, c in enumerate(BYTE_CHARS)}
     for m in merges:
         vocab["".join(m.split(" ") if isinstance(m, str) else m)] = len(vocab)
     spec = {
-        "normalizer": None,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "decoder": {"type": "ByteLevel"},
         "added_tokens": [{"id": len(vocab), "content": "<|end|>", "special": True}],
@@ -198,9 +199,6 @@ def test_sentencepiece_matches_sentencepiece(tmp_path, model_type):
     assert not {1, 2} & set(tok.encode("<s>the</s>"))  # control strings in text stay text here too
 
 
-QWEN = Path(__file__).parent / "fixtures" / "families"  # tests/fixtures/make_families.py
-
-
 def test_qwen_style_tokenizer_matches_hf_ids(tmp_path):
     """A tokenizer.json built as Qwen2/2.5/3 build theirs (NFC normalizer, Qwen's split regex,
     byte-level BPE without the GPT-2 regex): HF tokenizers' ids for the 90 edge cases, decoded
@@ -237,6 +235,7 @@ def test_missing_tokenizer_names_folder(tmp_path):
     "change, part",
     [
         ({"model_type": "WordPiece"}, "WordPiece"),
+        ({"normalizer": {"type": "NFKC"}}, "normalizer {'type': 'NFKC'}"),  # only NFC is done
         ({"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}, "Metaspace"),
         (
             {
