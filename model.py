@@ -4,7 +4,7 @@ Four families ("model_type") share it and differ only inside the attention block
 (SmolLM2, TinyLlama, Llama 2/3), "mistral" (the same block), "qwen2" (biases on the q/k/v
 projections) and "qwen3" (an RMSNorm on each head's queries and keys). No generation.
 
-  load(folder)                    -> the frozen model and its tokenizer (tokenizer.py)
+  Transformer.from_pretrained(folder) -> the frozen model (runtime.load_model adds a tokenizer)
   model(ids)                      -> float32 logits (B, T, vocab): the plain API
   model.hidden(x, positions, ...) -> final-normed hidden states of embeddings x, optionally also
                                      attending to the cached keys/values of a prefix (qpeft.py
@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from eval import read_json
-from tokenizer import Tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # config.json "model_type"
 
@@ -198,15 +197,14 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), kv  # (B, T, D)
 
 
-# Our module names -> HF's, part by part ("layers.0.attention.wq.weight" ->
-# "model.layers.0.self_attn.q_proj.weight"); parts not listed (mlp, q_norm, weight, bias) are HF's.
+# Our module names -> HF's, part by part; parts not listed (mlp, q_norm, weight, bias) are HF's.
 OURS_TO_HF = dict(tok_embeddings="model.embed_tokens", layers="model.layers", norm="model.norm")
 OURS_TO_HF.update(output="lm_head", attention="self_attn", attention_norm="input_layernorm")
 OURS_TO_HF.update(mlp_norm="post_attention_layernorm", wq="q_proj", wk="k_proj", wv="v_proj")
 OURS_TO_HF.update(wo="o_proj", w_gate="gate_proj", w_up="up_proj", w_down="down_proj")
 
 
-def hf_name(ours):
+def hf_name(ours):  # "layers.0.attention.wq.weight" -> "model.layers.0.self_attn.q_proj.weight"
     return ".".join(OURS_TO_HF.get(part, part) for part in ours.split("."))
 
 
@@ -330,23 +328,3 @@ class Transformer(nn.Module):
             model.output.weight = model.tok_embeddings.weight
         model.inv_freq = rope_frequencies(cfg).to(device)  # buffers built on meta need real values
         return model.eval().requires_grad_(False)
-
-
-def load(folder, dtype=torch.float32, device="cpu", model_class=Transformer):
-    """The frozen LLM in `folder` (resolve a model name with data.find_asset) and its tokenizer;
-    checks that every token id has an embedding row. model_class: Transformer or a subclass
-    (cpu.PackedTransformer)."""
-    model = model_class.from_pretrained(folder, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    rows = model.cfg.vocab_size
-    if tokenizer.eos_id is None or not 0 <= tokenizer.eos_id < rows:
-        raise ValueError(
-            f"{folder}: the eos token id {tokenizer.eos_id} is missing or outside the "
-            f"{rows}-row embedding table (query likelihood ends with eos)"
-        )
-    if tokenizer.vocab_size > rows:
-        raise ValueError(
-            f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the embedding "
-            f"table 'model.embed_tokens.weight' has only {rows} rows"
-        )
-    return model, tokenizer

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import cpu
 import data
 from eval import atomic_folder, read_json
-from model import Transformer, load
+from model import Transformer
 from qpeft import (
     QPEFTConfig,
     Reranker,
@@ -29,6 +29,7 @@ from qpeft import (
     score_pairs,
     trainable_state,
 )
+from tokenizer import Tokenizer
 
 
 # ---- Devices and torchrun: one process per device, PyTorch's DistributedDataParallel --------
@@ -146,9 +147,29 @@ def load_llm(model, dtype=None, device="cpu"):
         cpu.reuse_freed_memory()
         if dtype == torch.float32:  # where bench.py measures it faster than SDPA
             model_class = cpu.PackedTransformer
-    llm, tokenizer = load(folder, dtype, device, model_class)
+    llm, tokenizer = load_model(folder, dtype, device, model_class)
     llm.name, llm.sha256 = folder.name, model_fingerprint(folder)
     return llm, tokenizer
+
+
+def load_model(folder, dtype=torch.float32, device="cpu", model_class=Transformer):
+    """The frozen LLM in `folder` (model.py) and its tokenizer (tokenizer.py), checked to belong
+    together: every token id has an embedding row, and eos (which ends every query) is one.
+    model_class: model.Transformer or cpu.PackedTransformer."""
+    model = model_class.from_pretrained(folder, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    rows = model.cfg.vocab_size
+    if tokenizer.eos_id is None or not 0 <= tokenizer.eos_id < rows:
+        raise ValueError(
+            f"{folder}: the eos token id {tokenizer.eos_id} is missing or outside the "
+            f"{rows}-row embedding table (query likelihood ends with eos)"
+        )
+    if tokenizer.vocab_size > rows:
+        raise ValueError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the embedding "
+            f"table 'model.embed_tokens.weight' has only {rows} rows"
+        )
+    return model, tokenizer
 
 
 def compile_blocks(llm):

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 import cpu
 from conftest import FAMILIES, FIXTURES, smollm2_dir
-from model import LlamaConfig, Transformer, load, rope_frequencies
-from runtime import compile_blocks
+from model import LlamaConfig, Transformer, rope_frequencies
+from runtime import compile_blocks, load_model
 
 TINY = FIXTURES / "llama" / "tiny_random"
 TINY_LLAMA3 = FIXTURES / "llama" / "tiny_random_llama3"
@@ -351,7 +351,7 @@ def test_tokenizer_larger_than_embedding_table(tmp_path):
     with pytest.raises(
         ValueError, match="embedding table 'model.embed_tokens.weight' has only 1000 rows"
     ):
-        load(folder)
+        load_model(folder)
 
 
 def test_transformers5_rope_parameters_read_like_rope_scaling(tmp_path):

@@ -27,7 +27,6 @@ import runtime
 import train
 from conftest import FAMILIES, SHARED, smollm2_dir
 from data import TrainExample
-from model import load
 from qpeft import (
     QPEFTConfig,
     Reranker,
@@ -1568,7 +1567,7 @@ def test_smollm2_zeroshot_prefers_relevant_passages():
     pairs = [(q, d) for q in range(3) for d in range(3)]
     scores = {}
     for dtype in (torch.float32, torch.bfloat16):
-        llm, tokenizer = load(folder, dtype=dtype)
+        llm, tokenizer = runtime.load_model(folder, dtype=dtype)
         template = Template(tokenizer, INSTRUCTION)
         p_ids = [tokenizer.encode(p) for p in passages]
         q_ids = [tokenizer.encode(q) for q in queries]
