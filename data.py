@@ -521,9 +521,10 @@ def train_batches(examples, queries_per_batch, seed=0, epoch=0):
 
 def tokenize_texts(tokenizer, texts, max_tokens=None):
     """{id: token ids} via tokenizer.encode(text), cut to `max_tokens` keeping the START of the
-    text (method.md §2: the title and first sentence matter most). Nothing is cached on disk."""
+    text (method.md §2: the title and first sentence matter most); the text after the cut is never
+    tokenised. Nothing is cached on disk."""
     items = tqdm(texts.items(), desc="tokenizing", disable=len(texts) < 2000, leave=False)
-    return {i: tokenizer.encode(text)[:max_tokens] for i, text in items}
+    return {i: tokenizer.encode(text, max_tokens) for i, text in items}
 
 
 def token_budget_batches(lengths, max_tokens):

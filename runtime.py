@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -347,7 +346,9 @@ def tokenize(tokenizer, cfg, queries, passages, log=None):
     """TokenIds of {qid: text} and {docid: text}, cut to the module's limits; a passage is
     tokenised with its leading space (the template ends with "Passage:")."""
     texts, cut = {d: " " + text for d, text in passages.items()}, {}
-    p_ids, q_ids = data.tokenize_texts(tokenizer, texts), data.tokenize_texts(tokenizer, queries)
+    # one id past each limit tells cut_to which texts were cut; the rest is never tokenised
+    p_ids = data.tokenize_texts(tokenizer, texts, cfg.max_passage_tokens + 1)
+    q_ids = data.tokenize_texts(tokenizer, queries, cfg.max_query_tokens + 1)
     p_ids = cut_to(p_ids, cfg.max_passage_tokens, "passages", log, cut)
     q_ids = cut_to(q_ids, cfg.max_query_tokens, "queries", log, cut)
     return TokenIds(passages=p_ids, queries=q_ids, cut=cut)
@@ -355,14 +356,13 @@ def tokenize(tokenizer, cfg, queries, passages, log=None):
 
 # ---- Token limits ---------------------------------------------------------------------------
 def cut_to(ids, limit, what="", log=None, counts=None):
-    """Token ids cut to `limit` (keeping the start); how many were cut, and by how many tokens on
-    average, go to the log and to counts[what]."""
-    cuts = [len(v) - limit for v in ids.values() if len(v) > limit]
-    mean = statistics.fmean(cuts) if cuts else 0.0
+    """Token ids cut to `limit` (keeping the start); how many were cut goes to the log and to
+    counts[what]."""
+    cuts = sum(len(v) > limit for v in ids.values())
     if counts is not None:
-        counts[what] = {"cut": len(cuts), "of": len(ids), "limit": limit, "mean": round(mean, 2)}
+        counts[what] = {"cut": cuts, "of": len(ids), "limit": limit}
     if cuts and log:
-        log(f"{what}: {len(cuts)} of {len(ids)} cut to {limit} tokens, by {mean:.1f} on average")
+        log(f"{what}: {cuts} of {len(ids)} cut to {limit} tokens")
     return {k: v[:limit] for k, v in ids.items()}
 
 

@@ -301,8 +301,8 @@ def test_token_budget_batches():
 
 def test_tokenize_texts_keeps_the_start():
     class CharTokenizer:
-        def encode(self, text):
-            return [ord(c) for c in text]
+        def encode(self, text, limit=None):  # tokenizer.Tokenizer's interface
+            return [ord(c) for c in text][:limit]
 
     out = tokenize_texts(CharTokenizer(), {"a": "Title. Body text", "b": "hi"}, max_tokens=6)
     assert out == {"a": [ord(c) for c in "Title."], "b": [ord("h"), ord("i")]}

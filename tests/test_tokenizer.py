@@ -199,6 +199,26 @@ def test_sentencepiece_matches_sentencepiece(tmp_path, model_type):
     assert not {1, 2} & set(tok.encode("<s>the</s>"))  # control strings in text stay text here too
 
 
+def test_a_limit_keeps_the_first_ids_and_merges_nothing_after(smollm2, monkeypatch):
+    """encode(text, limit) == encode(text)[:limit] on every fixture text and several limits; and
+    the text after the limit is never merged: 10,000 words, limit 3, three pieces merged."""
+    rows = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        for limit in (0, 1, 5, 40):
+            assert smollm2.encode(row["text"], limit) == smollm2.encode(row["text"])[:limit]
+    merged = []
+    bpe = smollm2._bpe
+    monkeypatch.setattr(smollm2, "_bpe", lambda piece: merged.append(piece) or bpe(piece))
+    # 10,000 different letter words ("qaaa", "raaa", ...): no piece is in the cache yet
+    words = " ".join(
+        "".join(chr(97 + i // 26**k % 26) for k in range(4)) for i in range(16, 10_016)
+    )
+    assert len(smollm2.encode(words, 3)) == 3 and 1 <= len(merged) <= 3
+    merged.clear()
+    smollm2.cache.clear()
+    assert len(smollm2.encode(words)) >= 10_000 and len(merged) == 10_000
+
+
 def test_qwen_style_tokenizer_matches_hf_ids(tmp_path):
     """A tokenizer.json built as Qwen2/2.5/3 build theirs (NFC normalizer, Qwen's split regex,
     byte-level BPE without the GPT-2 regex): HF tokenizers' ids for the 90 edge cases, decoded
