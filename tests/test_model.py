@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cpu
-from conftest import FAMILIES, FIXTURES, smollm2_dir
+from conftest import FAMILIES, FIXTURES, family_folder, smollm2_dir
 from model import LlamaConfig, Transformer, rope_frequencies
 from runtime import compile_blocks, load_model
 
@@ -164,19 +164,21 @@ FAMILY_NAMES = ["mistral", "qwen2", "qwen3"]
 
 @pytest.mark.parametrize("model_class", [Transformer, cpu.PackedTransformer])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_family_logits_match_transformers(family, model_class):
-    """Tiny random models that transformers wrote (config.json and model.safetensors as the Hub
-    has them), on a right-padded batch: float32 logits within 1e-4 of transformers' eager ones."""
-    model = model_class.from_pretrained(FAMILIES / family)
-    ref = load_file(FAMILIES / f"{family}_ref.safetensors")
-    real = ref["attention_mask"].bool()  # (B, T): right padding
-    assert (model(ref["input_ids"]) - ref["logits"])[real].abs().max() <= 1e-4
+def test_family_logits_match_transformers(tmp_path, family, model_class):
+    """Tiny random models (config.json as transformers writes it, seeded weights), on a
+    right-padded batch: float32 logits within 1e-4 of transformers' eager ones."""
+    model = model_class.from_pretrained(family_folder(family, tmp_path / family))
+    ref = json.loads((FAMILIES / f"{family}_ref.json").read_text())
+    logits = model(torch.tensor(ref["input_ids"]))  # (B, T, vocab)
+    for row, (n, expected) in enumerate(zip(ref["lengths"], ref["logits"])):
+        assert (logits[row, :n] - torch.tensor(expected)).abs().max() <= 1e-4  # real positions
 
 
-def test_each_family_reads_its_own_pieces():
+def test_each_family_reads_its_own_pieces(tmp_path):
     """What the config implies, by hand: qwen2 has q/k/v biases, qwen3 a q/k norm of head_dim 32
     (not hidden / heads = 16), mistral a sliding window, qwen2 tied embeddings."""
-    mistral, qwen2, qwen3 = (Transformer.from_pretrained(FAMILIES / f) for f in FAMILY_NAMES)
+    folders = (family_folder(f, tmp_path / f) for f in FAMILY_NAMES)
+    mistral, qwen2, qwen3 = (Transformer.from_pretrained(folder) for folder in folders)
     assert mistral.cfg.sliding_window == 32 and qwen2.cfg.sliding_window is None
     assert qwen2.layers[0].attention.wk.bias.shape == (2 * 16,)
     assert mistral.layers[0].attention.wk.bias is None and qwen3.layers[0].attention.wq.bias is None
@@ -186,11 +188,11 @@ def test_each_family_reads_its_own_pieces():
 
 
 @pytest.mark.parametrize("model_class", [Transformer, cpu.PackedTransformer])
-def test_a_sequence_longer_than_the_sliding_window_is_refused(model_class):
+def test_a_sequence_longer_than_the_sliding_window_is_refused(tmp_path, model_class):
     """Mistral's window (32 here) would change attention past it; model.py always attends to all
     earlier positions, so it refuses rather than differ: 32 positions run, 33 do not, counting a
     cached prefix too."""
-    model = model_class.from_pretrained(FAMILIES / "mistral")
+    model = model_class.from_pretrained(family_folder("mistral", tmp_path / "mistral"))
     model(torch.ones(1, 32, dtype=torch.long))
     with pytest.raises(ValueError, match="33 positions is longer than sliding_window 32"):
         model(torch.ones(1, 33, dtype=torch.long))
@@ -219,8 +221,7 @@ def test_a_sequence_longer_than_the_sliding_window_is_refused(model_class):
     ],
 )
 def test_family_settings_it_cannot_compute_are_refused_by_name(tmp_path, family, changes, message):
-    folder = tmp_path / family
-    shutil.copytree(FAMILIES / family, folder)
+    folder = family_folder(family, tmp_path / family)
     edit_config(folder, **changes)
     with pytest.raises(ValueError, match=message):
         Transformer.from_pretrained(folder)
@@ -259,8 +260,7 @@ def test_sliding_window_where_transformers_applies_one(tmp_path, family, changes
 
 
 def test_a_tied_checkpoints_stored_head_is_shape_checked(tmp_path):
-    folder = tmp_path / "qwen2"
-    shutil.copytree(FAMILIES / "qwen2", folder)  # tied
+    folder = family_folder("qwen2", tmp_path / "qwen2")  # tied
     tensors = load_file(folder / "model.safetensors")
     save_file({**tensors, "lm_head.weight": torch.ones(3, 7)}, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"'lm_head.weight' has shape \(3, 7\)"):

@@ -25,7 +25,7 @@ import eval as ir
 import qpeft
 import runtime
 import train
-from conftest import FAMILIES, SHARED, smollm2_dir
+from conftest import FAMILIES, SHARED, family_folder, smollm2_dir
 from data import TrainExample
 from qpeft import (
     QPEFTConfig,
@@ -1119,7 +1119,7 @@ def family_model(folder, family):
     Qwen's byte-level BPE for qwen2/qwen3, a sentencepiece model (BOS added) for mistral."""
     import sentencepiece
 
-    shutil.copytree(FAMILIES / family, folder)
+    family_folder(family, folder)
     if family == "mistral":  # Mistral v0.1's window; the fixture's 32 is shorter than a prompt
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
