@@ -95,7 +95,9 @@ class Template:
         self.question = tokenizer.encode("Question: \n")
         self.eos = tokenizer.eos_id
         texts = [instruction, "\nPassage:", " \n", "hints: ", "\n", "Question: \n"]
-        if empty := [text for text in texts if not tokenizer.encode(text)]:  # "\n" normalised away?
+        pieces = [self.prompt, self.passage_open, self.passage_close, self.hints_open]
+        pieces += [self.hints_close, self.question]
+        if empty := [t for t, ids in zip(texts, pieces) if not ids]:  # "\n" normalised away?
             raise ValueError(f"the tokenizer encodes the template piece {empty[0]!r} to no tokens")
 
     @property
