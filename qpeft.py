@@ -87,18 +87,19 @@ class Template:
     def __init__(self, tokenizer, instruction):
         self.tokenizer = tokenizer
         self.bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # never part of the soft prompt
-        self.prompt = tokenizer.encode(instruction)
-        self.passage_open = tokenizer.encode("\nPassage:")
-        self.passage_close = tokenizer.encode(" \n")
-        self.hints_open = tokenizer.encode("hints: ")
-        self.hints_close = tokenizer.encode("\n")
-        self.question = tokenizer.encode("Question: \n")
+        self.prompt = self.piece(instruction)
+        self.passage_open = self.piece("\nPassage:")
+        self.passage_close = self.piece(" \n")
+        self.hints_open = self.piece("hints: ")
+        self.hints_close = self.piece("\n")
+        self.question = self.piece("Question: \n")
         self.eos = tokenizer.eos_id
-        texts = [instruction, "\nPassage:", " \n", "hints: ", "\n", "Question: \n"]
-        pieces = [self.prompt, self.passage_open, self.passage_close, self.hints_open]
-        pieces += [self.hints_close, self.question]
-        if empty := [t for t, ids in zip(texts, pieces) if not ids]:  # "\n" normalised away?
-            raise ValueError(f"the tokenizer encodes the template piece {empty[0]!r} to no tokens")
+
+    def piece(self, text):
+        """`text`'s ids; a piece that encodes to nothing (a newline normalised away) is refused."""
+        if not (ids := self.tokenizer.encode(text)):
+            raise ValueError(f"the tokenizer encodes the template piece {text!r} to no tokens")
+        return ids
 
     @property
     def head(self):
