@@ -606,7 +606,8 @@ def log_training_inputs(llm, template, examples, dev, tc, tokens, log):
     length = f"{tc.epochs} epochs of {per_epoch} steps" if tc.epochs else f"{tc.steps} steps"
     if tc.loss == "listwise":
         pool = statistics.fmean(len(e.list_negatives) for e in examples)
-        loss = f"listwise, {tc.list_negatives} of a mean {pool:.1f} first-stage negatives"
+        loss = f"listwise, {tc.list_negatives} of a mean {pool:.1f} first-stage negatives, "
+        loss += f"temperature {tc.list_temperature}"
     else:
         loss = f"paper (pointwise + hinge, margin {tc.margin})"
     fit = f"; train fit: {len(dev.fit.candidates)} train queries" if dev.fit else ""

@@ -401,9 +401,11 @@ def ranking_loss(scores, pairs, tc, lengths=None):
     paper:    L = w mean NLL(q, d+) + mean relu(NLL(q, d+) - NLL(q, d-) + margin) over negatives
               (the margin on a per-token scale, as in the official code; w = 1 in the paper, 0 is
               the official code's hinge-only `pairwise` variant);
-    listwise: L = w mean NLL(q, d+) + mean over queries of -log softmax(S)[d+], S the *summed* log
-              p(q | d) (score x lengths, the query's target count) of the positive and the query's
-              own negatives: the posterior of the positive among them under a uniform prior.
+    listwise: L = w mean NLL(q, d+) + mean over queries of -log softmax(S / T)[d+], S the *summed*
+              log p(q | d) (score x lengths, the query's target count) of the positive and the
+              query's own negatives; at T = 1 (tc.list_temperature) the posterior of the positive
+              among them under a uniform prior. A larger T softens the softmax: a few misranked
+              lists then weigh less against the many ranked well.
     Diagnostics: the mean NLL of positives (the pointwise term), of own ("hard") and in-batch
     negatives, and the mean gap NLL(d-) - NLL(d+) of each kind (> 0: the order wanted), the share
     of active hinges, and the pairwise accuracy (positive above the query's own negatives)."""
@@ -431,7 +433,7 @@ def ranking_loss(scores, pairs, tc, lengths=None):
     else:
         if lengths is None:
             raise ValueError("the listwise loss needs each pair's target count (lengths)")
-        summed = scores * lengths  # (N,) log p(q | d) summed over the query's targets
+        summed = scores * lengths / tc.list_temperature  # (N,) log p(q | d) summed, over T
         # each query's pairs are consecutive, its positive first (list_pairs)
         group_sizes = torch.unique_consecutive(query, return_counts=True)[1].tolist()
         listwise = [s.logsumexp(0) - s[0] for s in summed.split(group_sizes)]  # -log softmax[d+]

@@ -56,6 +56,7 @@ class TrainConfig:
     epochs: int = 0  # if > 0, train this many passes over the train queries instead of `steps`
     queries_per_batch: int = 4  # paper: 4 (negatives: the batch's other positives + hard negatives)
     list_negatives: int = 7  # listwise: first-stage negatives per query (7: the paper's 8 pairs)
+    list_temperature: float = 1.0  # listwise: softmax(S / T), S summed log p(q|d); 1: the posterior
     lr: float = 1e-2  # paper: 3e-2 (AdamW)
     weight_decay: float = 0.01  # paper: 0.01; never on E' (see train)
     margin: float = 0.0  # hinge margin on mean NLL (paper: 0.0-1.1)
@@ -75,6 +76,7 @@ class TrainConfig:
 
 
 TRAIN_LOWEST = dict(steps=0, epochs=0, queries_per_batch=1, list_negatives=1, lr=0.0)
+TRAIN_LOWEST.update(list_temperature=0.01)
 TRAIN_LOWEST.update(weight_decay=0.0, margin=0.0, pointwise_weight=0.0, eval_every=0)
 TRAIN_LOWEST.update(save_every=1, patience=1, dev_queries=0, dev_depth=1, fit_queries=0, seed=0)
 

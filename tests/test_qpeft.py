@@ -452,6 +452,30 @@ def test_listwise_loss_by_hand(monkeypatch):
             assert grad[(q, d)] == pytest.approx(expected, abs=1e-6), (q, d)
 
 
+def test_listwise_temperature_by_hand(monkeypatch):
+    """--list-temperature T divides the summed log-likelihoods before the softmax: at T = 2 the
+    lists of test_listwise_loss_by_hand become q1 A -1.5, a1 -1.2, a2 -3 and q2 B -2, b1 -2.5,
+    b2 -1.5: each list costs less, and one ranked wrongly by a gap g costs ~ g / T."""
+    tokens = TokenIds(
+        queries={"q1": [1, 5], "q2": [2]},  # 3 and 2 targets
+        passages={d: [10 + i] for i, d in enumerate(["A", "a1", "a2", "B", "b1", "b2"])},
+    )
+    s = {("q1", "A"): -1.0, ("q1", "a1"): -0.8, ("q1", "a2"): -2.0}
+    s |= {("q2", "B"): -2.0, ("q2", "b1"): -2.5, ("q2", "b2"): -1.5}
+    scores_from_table(monkeypatch, tokens, s)
+    reranker = SimpleNamespace(soft_prompt=None)
+    batch = [
+        TrainExample("q1", "A", "a1", list_negatives=("a1", "a2")),
+        TrainExample("q2", "B", "b1", list_negatives=("b1", "b2")),
+    ]
+    tc = TrainConfig(loss="listwise", list_negatives=2, pointwise_weight=0.0, list_temperature=2)
+    loss, terms = batch_loss(None, None, reranker, batch, tokens, tc)
+    ce1 = math.log(math.exp(-1.5) + math.exp(-1.2) + math.exp(-3)) + 1.5  # 0.9451 (1.0550 at T = 1)
+    ce2 = math.log(math.exp(-2) + math.exp(-2.5) + math.exp(-1.5)) + 2  # 1.1803 (1.4076 at T = 1)
+    assert loss.item() == pytest.approx((ce1 + ce2) / 2, abs=1e-6)
+    assert terms["accuracy"].item() == pytest.approx(0.5)  # T changes the loss, not the order
+
+
 def test_list_pairs_draw_m_negatives_per_epoch():
     """m of a query's pool, the same for the same seed and epoch, drawn anew each epoch; a query
     whose pool is empty (a first stage too short) falls back on its hard negative."""
