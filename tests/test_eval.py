@@ -366,3 +366,21 @@ def test_summarize_refuses_a_row_named_twice_or_a_missing_measure(tmp_path, caps
         with pytest.raises(SystemExit) as exit_info:
             summarize.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_list_temperature_by_hand():
+    """results/list_temperature.py: each positive in the top `depth` meets its query's judged
+    negatives there, scores summed over the query's targets, and costs -log softmax(S / T)[d+]."""
+    spec = importlib.util.spec_from_file_location("lt", ROOT / "results" / "list_temperature.py")
+    lt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lt)
+    run = {"q1": {"A": -1.0, "a": -0.5, "u": -0.7, "b": -3.0, "tail": -9.0}, "q2": {"B": -1.0}}
+    qrels = {"q1": {"A": 1, "a": 0, "b": 0, "tail": 1}, "q2": {"B": 1}}
+    # depth 4 drops q1's tail; u is unjudged, q2 has no negative: one list, 2 targets -> x 2
+    scored = lt.lists(run, qrels, {"q1": 2, "q2": 3}, depth=4)
+    assert scored == [(-2.0, [-1.0, -6.0])]
+    for t in (1, 2):
+        expected = math.log(math.exp(-2 / t) + math.exp(-1 / t) + math.exp(-6 / t)) + 2 / t
+        assert lt.list_costs(scored, t) == [pytest.approx(expected, abs=1e-12)]
+    # a list ranked wrongly costs less at a higher temperature: 1.3182 at T = 1, 1.0239 at T = 2
+    assert lt.list_costs(scored, 2)[0] < lt.list_costs(scored, 1)[0]
