@@ -404,9 +404,9 @@ def test_process_shares_add_up_to_the_whole_batch(monkeypatch, loss, processes):
         assert sum(t[term] for _, t in shares).item() == pytest.approx(value.item(), abs=1e-6), term
 
 
-def test_listwise_loss_by_hand(monkeypatch):
-    """The listwise loss on known numbers: each query meets only its positive and its own
-    first-stage negatives (no in-batch ones), softmax over the *summed* log-likelihoods."""
+def lists_by_hand(monkeypatch):
+    """Two queries, each with its positive and two own first-stage negatives, and known mean
+    log-probs per token: (tokens, scores table, batch, scored tensors, pairs)."""
     tokens = TokenIds(
         queries={"q1": [1, 5], "q2": [2]},  # 3 and 2 targets (the query's tokens + eos)
         passages={d: [10 + i] for i, d in enumerate(["A", "a1", "a2", "B", "b1", "b2"])},
@@ -420,11 +420,18 @@ def test_listwise_loss_by_hand(monkeypatch):
         ("q2", "b2"): -1.5,
     }
     scored, pairs = scores_from_table(monkeypatch, tokens, s)
-    reranker = SimpleNamespace(soft_prompt=None)  # a module without a soft prompt
     batch = [
         TrainExample("q1", "A", "a1", list_negatives=("a1", "a2")),
         TrainExample("q2", "B", "b1", list_negatives=("b1", "b2")),
     ]
+    return tokens, s, batch, scored, pairs
+
+
+def test_listwise_loss_by_hand(monkeypatch):
+    """The listwise loss on known numbers: each query meets only its positive and its own
+    first-stage negatives (no in-batch ones), softmax over the *summed* log-likelihoods."""
+    tokens, s, batch, scored, pairs = lists_by_hand(monkeypatch)
+    reranker = SimpleNamespace(soft_prompt=None)  # a module without a soft prompt
     tc = TrainConfig(loss="listwise", list_negatives=2)
     loss, terms = batch_loss(None, None, reranker, batch, tokens, tc)
     assert sorted(pairs[0]) == sorted(s)  # no in-batch pair: B is no negative of q1
@@ -454,20 +461,10 @@ def test_listwise_loss_by_hand(monkeypatch):
 
 def test_listwise_temperature_by_hand(monkeypatch):
     """--list-temperature T divides the summed log-likelihoods before the softmax: at T = 2 the
-    lists of test_listwise_loss_by_hand become q1 A -1.5, a1 -1.2, a2 -3 and q2 B -2, b1 -2.5,
+    lists of lists_by_hand become q1 A -1.5, a1 -1.2, a2 -3 and q2 B -2, b1 -2.5,
     b2 -1.5: each list costs less, and one ranked wrongly by a gap g costs ~ g / T."""
-    tokens = TokenIds(
-        queries={"q1": [1, 5], "q2": [2]},  # 3 and 2 targets
-        passages={d: [10 + i] for i, d in enumerate(["A", "a1", "a2", "B", "b1", "b2"])},
-    )
-    s = {("q1", "A"): -1.0, ("q1", "a1"): -0.8, ("q1", "a2"): -2.0}
-    s |= {("q2", "B"): -2.0, ("q2", "b1"): -2.5, ("q2", "b2"): -1.5}
-    scores_from_table(monkeypatch, tokens, s)
+    tokens, _, batch, _, _ = lists_by_hand(monkeypatch)
     reranker = SimpleNamespace(soft_prompt=None)
-    batch = [
-        TrainExample("q1", "A", "a1", list_negatives=("a1", "a2")),
-        TrainExample("q2", "B", "b1", list_negatives=("b1", "b2")),
-    ]
     tc = TrainConfig(loss="listwise", list_negatives=2, pointwise_weight=0.0, list_temperature=2)
     loss, terms = batch_loss(None, None, reranker, batch, tokens, tc)
     ce1 = math.log(math.exp(-1.5) + math.exp(-1.2) + math.exp(-3)) + 1.5  # 0.9451 (1.0550 at T = 1)
