@@ -14,9 +14,10 @@ lower the loss by shrinking every gap at once, without ranking anything better.
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,12 +40,11 @@ def lists(run, qrels, targets, depth):
 
 
 def list_costs(scored_lists, temperature):
-    """-log softmax(S / T)[positive] of each list."""
+    """-log softmax(S / T)[positive] of each list, the line qpeft.ranking_loss computes."""
     costs = []
     for positive, negatives in scored_lists:
-        z = [s / temperature for s in [positive] + negatives]
-        top = max(z)
-        costs.append(top + math.log(sum(math.exp(v - top) for v in z)) - z[0])
+        z = torch.tensor([positive] + negatives, dtype=torch.float64) / temperature  # (1 + m,)
+        costs.append((z.logsumexp(0) - z[0]).item())
     return costs
 
 
