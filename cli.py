@@ -148,7 +148,9 @@ def parse_args(argv):
         "--preset", default="laptop", choices=sorted(PRESETS), help="defaults for the flags below"
     )
     p.add_argument(
-        "--methods", help=f"comma-separated, from {','.join(METHODS)} (without --data: zeroshot)"
+        "--methods",
+        help=f"comma-separated, from {','.join(METHODS)} (without --data: zeroshot; with "
+        "--adapter: the rows to score, zeroshot and the adapters' methods, all by default)",
     )
     p.add_argument("--depth", type=int, help="rerank the top-N first-stage candidates")
     p.add_argument("--split", default="test", help="the split of --data to rerank and report")
@@ -204,12 +206,8 @@ def parse_args(argv):
         add_field(p, f)
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = p.parse_args(argv)
-    listed = (args.methods or "zeroshot").split(",")
-    if args.adapter and (trained := [m for m in listed if m != "zeroshot"]):
-        p.error(
-            f"--methods {trained[0]}: with --adapter the adapters are the trained rows "
-            f"(--methods may list zeroshot only)"
-        )
+    if args.adapter and args.methods is None:  # zero-shot beside the adapters, whatever they are
+        args.methods = ",".join(METHODS)
     if args.data is None and args.methods is None:
         args.methods = "zeroshot"
     for key, value in PRESETS[args.preset].items():
@@ -360,6 +358,12 @@ def read_target(args):
         if not (Path(folder) / ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"--adapter {folder}: no {ADAPTER_CONFIG} there")
         module = read_json(Path(folder) / ADAPTER_CONFIG).get("qpeft")
+        method = module.get("method") if isinstance(module, dict) else None
+        if method in METHODS and method not in args.methods.split(","):
+            raise ValueError(
+                f"--methods {args.methods}: {folder} holds a {method} module; list {method} "
+                f"to rerank with it, zeroshot too to score zero-shot beside it"
+            )
         for key, value in module.items() if isinstance(module, dict) else ():
             if getattr(args, key, None) not in (None, value):  # a module flag it would override
                 raise ValueError(

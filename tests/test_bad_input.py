@@ -230,9 +230,9 @@ CASES = [
         "was trained with max_passage_tokens 160, and an adapter keeps its own module settings",
     ),
     (
-        "a trained method beside --adapter",
-        lambda d, m, t: ["--adapter", str(t / "a"), "--methods", "zeroshot,prompt"],
-        "--methods prompt: with --adapter the adapters are the trained rows",
+        "--methods that leave out an --adapter's method",
+        lambda d, m, t: adapter_with(t, m, d, None) + ["--methods", "zeroshot,prompt"],
+        "holds a qpeft-a module; list qpeft-a to rerank with it",
     ),
     (
         "a config.json that is a list",

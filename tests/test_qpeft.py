@@ -1038,6 +1038,12 @@ def test_main_end_to_end_then_rerank_with_the_adapter(tiny_dir, tmp_path):
     again, before = ir.read_run(out2 / "qpeft-a.test.trec"), ir.read_run(out / "qpeft-a.test.trec")
     for q in before:  # the reloaded module reproduces the trained run's scores
         assert again[q] == pytest.approx(before[q], abs=1e-6)
+    # --methods qpeft-a: the adapter alone (zero-shot, the same every time, is not scored again)
+    alone = ["--data", str(test_only), *common, "--adapter", str(out / "qpeft-a")]
+    cli.main([*alone, "--methods", "qpeft-a", "--out", str(tmp_path / "out3")])
+    assert set(json.loads((tmp_path / "out3" / "metrics.json").read_text())) == {"bm25", "qpeft-a"}
+    assert not (tmp_path / "out3" / "zeroshot.test.trec").exists()
+    assert ir.read_run(tmp_path / "out3" / "qpeft-a.test.trec") == again
 
 
 def test_cli_reranks_a_trec_run_and_rank_llm_requests(tiny_dir, tmp_path):
