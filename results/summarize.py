@@ -6,10 +6,14 @@ BASE and every FILE hold per-query values (qpeft.py's {name}.{split}.per-query.t
 output). A row with several files is a method over seeds: its per-query values are averaged over
 the seeds first, as the command line's table does; "± SD" is the SD of the per-seed means. Each
 row's Δ is its mean minus BASE's on the first measure, with the 95 % confidence interval and the
-two-sided p of the paired t-test over the queries both have (eval.paired_t_test).
+two-sided p of the paired t-test over the queries both have (eval.paired_t_test); up/down count
+the queries it moves each way, and "n 80%" is how many queries a paired test would need to find
+that Δ at the 5 % level with 80 % power (normal approximation: n = ((z 0.975 + z 0.8) SD / Δ)²,
+SD of the per-query differences), to say what a test set this size can and cannot show.
 """
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -44,7 +48,7 @@ def main(argv=None):
     print(
         f"{'row':24}{'seeds':>6}"
         + "".join(f"{m:>18}" for m in args.measures)
-        + f"{'Δ ' + first:>16}{'95% CI':>20}{'p':>8}{'queries':>9}"
+        + f"{'Δ ' + first:>16}{'95% CI':>20}{'p':>8}{'queries':>9}{'up/down':>9}{'n 80%':>8}"
     )
     for name, seeds in rows.items():
         qids = sorted(set.intersection(*(set(s) for s in seeds)))
@@ -61,8 +65,13 @@ def main(argv=None):
             b = {q: v[first] for q, v in mean.items()}
             delta, _, p_value = ir.paired_t_test(a, b)
             low, high = ir.paired_confidence_interval(a, b)
-            common = len(a.keys() & b.keys())
-            line += f"{delta:+16.4f}{f'[{low:+.4f}, {high:+.4f}]':>20}{p_value:8.3f}{common:9}"
+            deltas = [b[q] - a[q] for q in a.keys() & b.keys()]
+            line += f"{delta:+16.4f}{f'[{low:+.4f}, {high:+.4f}]':>20}{p_value:8.3f}{len(deltas):9}"
+            # 1e-9: the mean over seeds of equal values can be an ulp off (fsum(3 * [x]) / 3)
+            moved = f"{sum(d > 1e-9 for d in deltas)}/{sum(d < -1e-9 for d in deltas)}"
+            z = statistics.NormalDist().inv_cdf(0.975) + statistics.NormalDist().inv_cdf(0.8)
+            need = math.ceil((z * statistics.stdev(deltas) / delta) ** 2) if delta else "-"
+            line += f"{moved:>9}{need:>8}"
         print(line)
 
 

@@ -338,7 +338,8 @@ def test_per_query_files_recompute_a_table(tmp_path, capsys):
         [str(tmp_path / "zeroshot.test.per-query.tsv"), f"A={files}", "-m", "ndcg_cut_10"]
     )
     row = capsys.readouterr().out.splitlines()[-1].split()
-    # seeds' means 1.5 and 2.5: 2.0000 ± 0.7071; delta 2, CI 2 -+ 2.4841, p 0.074, 3 queries
+    # seeds' means 1.5 and 2.5: 2.0000 ± 0.7071; delta 2, CI 2 -+ 2.4841, p 0.074, 3 queries,
+    # all 3 up; SD of the deltas 1, so (2.8016 * 1 / 2)^2 = 1.96: 2 queries for 80 % power
     assert row == [
         "A",
         "2",
@@ -350,6 +351,8 @@ def test_per_query_files_recompute_a_table(tmp_path, capsys):
         "+4.4841]",
         "0.074",
         "3",
+        "3/0",
+        "2",
     ]
 
 
