@@ -358,13 +358,13 @@ def read_target(args):
         if not (Path(folder) / ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"--adapter {folder}: no {ADAPTER_CONFIG} there")
         module = read_json(Path(folder) / ADAPTER_CONFIG).get("qpeft")
-        method = module.get("method") if isinstance(module, dict) else None
-        if method in METHODS and method not in args.methods.split(","):
+        module = module if isinstance(module, dict) else {}  # load_adapter says what is wrong
+        if (method := module.get("method")) in METHODS and method not in args.methods.split(","):
             raise ValueError(
                 f"--methods {args.methods}: {folder} holds a {method} module; list {method} "
                 f"to rerank with it, zeroshot too to score zero-shot beside it"
             )
-        for key, value in module.items() if isinstance(module, dict) else ():
+        for key, value in module.items():
             if getattr(args, key, None) not in (None, value):  # a module flag it would override
                 raise ValueError(
                     f"--{key.replace('_', '-')} {getattr(args, key)}: {folder} was trained with "
