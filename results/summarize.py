@@ -8,8 +8,9 @@ the seeds first, as the command line's table does; "± SD" is the SD of the per-
 row's Δ is its mean minus BASE's on the first measure, with the 95 % confidence interval and the
 two-sided p of the paired t-test over the queries both have (eval.paired_t_test); up/down count
 the queries it moves each way, and "n 80%" is how many queries a paired test would need to find
-that Δ at the 5 % level with 80 % power (normal approximation: n = ((z 0.975 + z 0.8) SD / Δ)²,
-SD of the per-query differences), to say what a test set this size can and cannot show.
+that Δ at the 5 % level with 80 % power (normal approximation: ((z 0.975 + z 0.8) SD / Δ)², SD
+of the per-query differences; = queries x ((z 0.975 + z 0.8) / t)² with the test's own t), to say
+what a test set this size can and cannot show.
 """
 
 import argparse
@@ -63,14 +64,14 @@ def main(argv=None):
         if seeds[0] is not base:
             a = {q: base[q][first] for q in base}
             b = {q: v[first] for q, v in mean.items()}
-            delta, _, p_value = ir.paired_t_test(a, b)
+            delta, t, p_value = ir.paired_t_test(a, b)
             low, high = ir.paired_confidence_interval(a, b)
             deltas = [b[q] - a[q] for q in a.keys() & b.keys()]
             line += f"{delta:+16.4f}{f'[{low:+.4f}, {high:+.4f}]':>20}{p_value:8.3f}{len(deltas):9}"
             # 1e-9: the mean over seeds of equal values can be an ulp off (fsum(3 * [x]) / 3)
             moved = f"{sum(d > 1e-9 for d in deltas)}/{sum(d < -1e-9 for d in deltas)}"
             z = statistics.NormalDist().inv_cdf(0.975) + statistics.NormalDist().inv_cdf(0.8)
-            need = math.ceil((z * statistics.stdev(deltas) / delta) ** 2) if delta else "-"
+            need = math.ceil(len(deltas) * (z / t) ** 2) if t else "-"
             line += f"{moved:>9}{need:>8}"
         print(line)
 
