@@ -1501,6 +1501,21 @@ def test_unknown_method_is_a_clean_usage_error(capsys):
     )
 
 
+def test_preset_listwise_is_the_measured_command_and_a_flag_overrides_it():
+    # README, Results: arm T3 was trained and reranked with exactly these flags
+    measured = "--depth 100 --methods zeroshot,qpeft-a --loss listwise --pointwise-weight 0"
+    measured += " --list-temperature 3 --lr 1e-3 --epochs 1 --eval-every 150 --patience 2 --seeds 3"
+    by_flags = cli.parse_args(["--data", "nq_small", *measured.split()])
+    by_preset = cli.parse_args(["--data", "nq_small", "--preset", "listwise"])
+    for config in (TrainConfig, QPEFTConfig):
+        assert cli.pick(config, by_preset) == cli.pick(config, by_flags)
+    for flag in ("depth", "methods", "seeds", "train_data"):
+        assert getattr(by_preset, flag) == getattr(by_flags, flag), flag
+    assert cli.pick(TrainConfig, by_preset).list_temperature == 3.0
+    lower_lr = cli.parse_args(["--data", "nq_small", "--preset", "listwise", "--lr", "3e-4"])
+    assert cli.pick(TrainConfig, lower_lr).lr == 3e-4
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
